@@ -1,0 +1,3 @@
+from adaptool.cli import main
+
+main()
