@@ -1,0 +1,233 @@
+"""LoRA as PEFT 0.21.2 means it: plain, rsLoRA, rank/alpha patterns, DoRA, lora_bias, embeddings, convs.
+
+Per module ``ΔW = transpose(B @ A, fan_in_fan_out) * scaling`` with ``scaling = alpha / r`` (rsLoRA:
+``alpha / sqrt(r)``), computed in float32 in the same operation order as PEFT so that a single adapter folded
+into a base is bit-identical to ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from adaptool.adapters.patterns import pattern_value
+from adaptool.edits import AddDelta, DoraRescale, Replace, ReplaceRows
+from adaptool.errors import AdaptoolError
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+EMB_A_SUFFIX, EMB_B_SUFFIX = ".lora_embedding_A", ".lora_embedding_B"
+MAG_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+BIAS_SUFFIX = ".lora_B.bias"
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+BASE_LAYER = ".base_layer."
+OWN_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector", TOKENS_SUFFIX)
+
+# Config switches of LoRA variants whose merged weight is not the plain/DoRA formula.
+UNSUPPORTED_VARIANTS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora", "arrow_config",
+                        "kasa_config", "monteclora_config", "target_parameters", "layer_replication")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module of a LoRA adapter.
+
+    Attributes:
+        path (str): module path in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
+        kind (str): "linear", "embedding" or "conv".
+        rank (int): r as the config states it (rank_pattern resolved).
+        scaling (float): alpha / r, or alpha / sqrt(r) for rsLoRA.
+    """
+
+    adapter: object
+    path: str
+    kind: str
+    a_key: str
+    b_key: str
+    rank: int
+    scaling: float
+    bias_key: str | None = None
+    magnitude_key: str | None = None
+
+    def factors(self, device):
+        """(B, A) as float32 on ``device``: B (out, r), A (r, in) for linear; embeddings (dim, r), (r, num)."""
+        a = self.adapter.load(self.a_key).to(device=device, dtype=_f32())
+        b = self.adapter.load(self.b_key).to(device=device, dtype=_f32())
+        return b, a
+
+    def delta(self, device, weight_shape: tuple[int, ...], fifo: bool):
+        """ΔW in the base weight's layout, float32, in PEFT's order of operations (matmul, transpose, scale)."""
+        b, a = self.factors(device)
+        if self.kind == "conv":
+            return _conv_delta(b, a, weight_shape) * self.scaling
+        d = b @ a
+        if self.kind == "embedding" or fifo:
+            d = d.T
+        return d * self.scaling
+
+
+def _f32():
+    import torch
+
+    return torch.float32
+
+
+def _conv_delta(b, a, weight_shape):
+    import torch.nn.functional as F
+
+    if tuple(weight_shape[2:4]) == (1, 1):
+        # PEFT's 1x1 shortcut (also taken by Conv3d (1,1,k), see PEFT #3768)
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(weight_shape)]
+    return conv(a.transpose(0, 1), b).transpose(0, 1)
+
+
+def scaling_for(config: dict, path: str) -> tuple[int, float]:
+    """(r, scaling) of module ``path`` under PEFT's first-match pattern rule."""
+    r = pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
+    if not r:
+        return 0, 0.0
+    return int(r), (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+
+
+def lora_modules(adapter) -> list[LoraModule]:
+    """Every module a LoRA adapter adapts, with its resolved rank and scaling."""
+    _refuse_variants(adapter)
+    names = set(adapter.names)
+    modules = []
+    for name in adapter.names:
+        if name.endswith(A_SUFFIX):
+            path, kind, b_key = name[: -len(A_SUFFIX)], "linear", name[: -len(A_SUFFIX)] + B_SUFFIX
+        elif name.endswith(EMB_A_SUFFIX):
+            path, kind, b_key = name[: -len(EMB_A_SUFFIX)], "embedding", name[: -len(EMB_A_SUFFIX)] + EMB_B_SUFFIX
+        else:
+            continue
+        if b_key not in names:
+            raise AdaptoolError(f"{adapter.source}: {name} has no matching {b_key}", "the adapter file is incomplete; re-save it")
+        a_shape = adapter.shape(name)
+        if kind == "linear" and len(a_shape) > 2:
+            kind = "conv"
+        r, scaling = scaling_for(adapter.config, path)
+        rank_on_disk = a_shape[0]
+        if r != rank_on_disk:
+            raise AdaptoolError(
+                f"{adapter.source}: {path} has rank {rank_on_disk} on disk but its config says r={r}",
+                "fix r/rank_pattern in adapter_config.json",
+            )
+        mag = next((path + s for s in MAG_SUFFIXES if path + s in names), None)
+        if adapter.config.get("use_dora") and mag is None:
+            raise AdaptoolError(f"{adapter.source}: use_dora is set but {path} has no lora_magnitude_vector",
+                                "the adapter file is incomplete; re-save it")
+        bias = path + BIAS_SUFFIX if path + BIAS_SUFFIX in names else None
+        modules.append(LoraModule(adapter, path, kind, name, b_key, r, scaling, bias, mag))
+    return modules
+
+
+def _refuse_variants(adapter) -> None:
+    cfg = adapter.config
+    for key in UNSUPPORTED_VARIANTS:
+        if cfg.get(key):
+            raise AdaptoolError(f"{adapter.source}: LoRA variant '{key}' cannot be folded into a base by adaptool yet",
+                                "merge it with PEFT, or train a plain LoRA/DoRA adapter")
+
+
+def lora_edits(adapter, base) -> list:
+    """Edits of a LoRA adapter against checkpoint ``base`` (names resolved, shapes checked)."""
+    from adaptool.plan import TensorResolver
+
+    resolve = TensorResolver(base, adapter)
+    fifo_default = bool(adapter.config.get("fan_in_fan_out"))
+    edits = []
+    for m in lora_modules(adapter):
+        target = resolve.tensor(m.path, "weight")
+        w_shape = base.tensors[target].shape
+        fifo = _check_and_layout(adapter, m, w_shape, fifo_default)
+        edits.append(_module_edit(adapter, m, target, w_shape, fifo))
+        if m.bias_key:
+            bias = resolve.tensor(m.path, "bias", why="lora_bias=True needs a bias in the base layer")
+            edits.append(AddDelta(bias, adapter.source, _bias_delta(adapter, m.bias_key, m.scaling)))
+    edits += aux_edits(adapter, base, resolve)
+    return edits
+
+
+def _module_edit(adapter, m: LoraModule, target, w_shape, fifo):
+    delta = lambda device, m=m: m.delta(device, w_shape, fifo)  # noqa: E731
+    if m.magnitude_key is None:
+        return AddDelta(target, adapter.source, delta)
+    layout = "conv" if m.kind == "conv" else "embedding" if m.kind == "embedding" else "fifo" if fifo else "linear"
+    key = m.magnitude_key
+    magnitude = lambda device: adapter.load(key).to(device=device, dtype=_f32())  # noqa: E731
+    return DoraRescale(target, adapter.source, delta, magnitude, layout)
+
+
+def _bias_delta(adapter, key, scaling):
+    return lambda device: adapter.load(key).to(device=device, dtype=_f32()) * scaling
+
+
+def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool) -> bool:
+    """Check A/B against the base weight; return whether the weight is stored (in, out) (GPT-2 Conv1D)."""
+    a_shape, b_shape = adapter.shape(m.a_key), adapter.shape(m.b_key)
+    if m.kind == "embedding":
+        expected = (a_shape[1], b_shape[0])
+        fifo = False
+    elif m.kind == "conv":
+        expected = (b_shape[0], a_shape[1], *a_shape[2:])
+        fifo = False
+    else:
+        out_f, in_f = b_shape[0], a_shape[1]
+        expected = (out_f, in_f)
+        if tuple(w_shape) == (in_f, out_f) and (out_f != in_f or fifo_default):
+            return True
+        fifo = False
+    if tuple(w_shape) != tuple(expected) or (m.kind != "conv" and b_shape[1] != a_shape[0]):
+        raise AdaptoolError(
+            f"{adapter.source}: {m.path} does not fit the base: adapter implies {tuple(expected)}, base has {tuple(w_shape)}",
+            "check that the adapter was trained on this base model",
+        )
+    return fifo
+
+
+def aux_edits(adapter, base, resolve) -> list:
+    """modules_to_save copies, saved base_layer tensors and trainable-token rows (full replacements)."""
+    edits = []
+    for name in adapter.names:
+        if name.endswith(TOKENS_SUFFIX):
+            path = name[: -len(TOKENS_SUFFIX)]
+            target = resolve.tensor(path, "weight")
+            indices = _token_indices(adapter, path)
+            rows_shape = adapter.shape(name)
+            w_shape = base.tensors[target].shape
+            if len(indices) != rows_shape[0] or rows_shape[1:] != tuple(w_shape[1:]) or max(indices, default=0) >= w_shape[0]:
+                raise AdaptoolError(f"{adapter.source}: trainable tokens of {path} do not fit the base {tuple(w_shape)}",
+                                    "check trainable_token_indices and the base model")
+            edits.append(ReplaceRows(target, adapter.source, _loader(adapter, name), indices))
+            continue
+        if any(marker in name for marker in OWN_MARKERS):
+            continue
+        module_path, _, param = name.rpartition(".")
+        if module_path.endswith(BASE_LAYER[:-1]):
+            module_path = module_path[: -len(BASE_LAYER) + 1]
+        target = resolve.tensor(module_path, param)
+        if tuple(base.tensors[target].shape) != tuple(adapter.shape(name)):
+            raise AdaptoolError(
+                f"{adapter.source}: {name} has shape {tuple(adapter.shape(name))}, base {target} has {tuple(base.tensors[target].shape)}",
+                "the adapter resized this module (e.g. a resized vocabulary); resize the base to match first",
+            )
+        edits.append(Replace(target, adapter.source, _loader(adapter, name)))
+    return edits
+
+
+def _loader(adapter, key):
+    return lambda device: adapter.load(key).to(device)
+
+
+def _token_indices(adapter, path: str) -> list[int]:
+    spec = adapter.config.get("trainable_token_indices")
+    if isinstance(spec, list):
+        return [int(i) for i in spec]
+    if isinstance(spec, dict):
+        for suffix, idx in spec.items():
+            if path == suffix or path.endswith("." + suffix):
+                return [int(i) for i in idx]
+    raise AdaptoolError(f"{adapter.source}: trainable tokens saved for {path} but trainable_token_indices does not name it",
+                        "fix trainable_token_indices in adapter_config.json")

@@ -1,0 +1,213 @@
+"""The streaming engine: base tensors in, edited tensors out, one at a time.
+
+For every shard of the base, the output shard's header is written first (the plan fixes every name, dtype
+and shape), then each tensor is either copied byte-for-byte by the kernel (untouched, same dtype) or read,
+edited in float32 on the compute device, rounded once, and appended. A reader thread keeps the next tensor
+ready and a writer thread drains finished ones, so disk and math overlap while at most a handful of tensors
+are in memory. Nothing else in adaptool knows about threads or devices.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from adaptool.errors import AdaptoolError
+from adaptool.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from adaptool.io.safetensors_file import FLOAT_CODES, dtype_code, load_tensor
+from adaptool.io.writer import OutputTensor, ShardWriter
+
+PREFETCH = 1
+WRITE_QUEUE = 2
+
+
+@dataclass
+class EngineStats:
+    tensors_total: int = 0
+    tensors_changed: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int | None = None
+    delta_retention: float | None = None  # share of the intended change that survived rounding (mean)
+    worst_retention: tuple[str, float] | None = None
+    _retention: list = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        if self.worst_retention:
+            d["worst_retention"] = {"tensor": self.worst_retention[0], "retention": self.worst_retention[1]}
+        return d
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def output_layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, list[OutputTensor]]]:
+    """Output shard file names with their tensors (base order, the output dtype applied to float tensors)."""
+    code = dtype_code(out_dtype) if out_dtype is not None else None
+    shards = []
+    for shard in base.shards:
+        name = shard.name if base.sharded else SINGLE_NAME
+        tensors = [
+            OutputTensor(t.name, code if (code and t.dtype in FLOAT_CODES) else t.dtype, t.shape)
+            for t in base.shard_tensors(shard)
+        ]
+        shards.append((name, tensors))
+    return shards
+
+
+def run(
+    base: Checkpoint,
+    edits: dict[str, list],
+    out_dir: Path,
+    out_dtype: torch.dtype | None,
+    device: torch.device,
+    metadata: dict[str, str],
+    on_progress: Callable[[int], None] | None = None,
+    measure_retention: bool = True,
+) -> EngineStats:
+    """Write the edited checkpoint into ``out_dir`` (shards + index when the base was sharded).
+
+    Args:
+        base (Checkpoint): the base model.
+        edits (dict[str, list]): base tensor name -> edits, applied in order.
+        out_dir (Path): an existing (temporary) folder.
+        out_dtype (torch.dtype | None): dtype of every float tensor; None keeps each tensor's.
+        device (torch.device): where the float32 math runs.
+        metadata (dict[str, str]): provenance written into every shard's header.
+        on_progress (Callable[[int], None] | None): called with the bytes of each tensor written.
+    """
+    stats = EngineStats()
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    layout = output_layout(base, out_dtype)
+    jobs = []  # (shard_idx, OutputTensor, TensorInfo, edits)
+    for idx, (_, tensors) in enumerate(layout):
+        for t in tensors:
+            jobs.append((idx, t, base.tensors[t.name], edits.get(t.name, [])))
+    stats.tensors_total = len(jobs)
+
+    writers: dict[int, ShardWriter] = {}
+    sources: dict[Path, object] = {}
+    read_handles: dict[Path, object] = {}
+
+    def needs_read(job) -> bool:
+        _, out, info, eds = job
+        return bool(eds) or out.dtype != info.dtype
+
+    def read(job):
+        info = job[2]
+        fh = read_handles.get(info.file) or read_handles.setdefault(info.file, open(info.file, "rb"))
+        return load_tensor(info, fh)
+
+    def write(job, tensor):
+        idx, out, info, _ = job
+        if idx not in writers:
+            for prev in list(writers):  # shards are written in order: close the finished one
+                writers.pop(prev).close()
+            writers[idx] = ShardWriter(out_dir / layout[idx][0], layout[idx][1], metadata)
+        w = writers[idx]
+        if tensor is None:
+            src = sources.get(info.file) or sources.setdefault(info.file, open(info.file, "rb"))
+            w.copy_tensor(out.name, src, info.start, info.nbytes)
+        else:
+            w.write_tensor(out.name, tensor)
+        stats.bytes_written += out.nbytes
+        if on_progress:
+            on_progress(out.nbytes)
+
+    reads: deque = deque()
+    writes: deque = deque()
+    next_read = 0
+    try:
+        with ThreadPoolExecutor(1, "adaptool-read") as reader, ThreadPoolExecutor(1, "adaptool-write") as writer:
+            for i, job in enumerate(jobs):
+                while next_read < len(jobs) and next_read <= i + PREFETCH:
+                    j = jobs[next_read]
+                    reads.append(reader.submit(read, j) if needs_read(j) else None)
+                    next_read += 1
+                fut = reads.popleft()
+                tensor = fut.result() if fut is not None else None
+                if tensor is not None:
+                    tensor = _compute(job, tensor, device, stats, measure_retention)
+                writes.append(writer.submit(write, job, tensor))
+                while len(writes) > WRITE_QUEUE:
+                    writes.popleft().result()
+            while writes:
+                writes.popleft().result()
+            for w in writers.values():
+                w.close()
+            writers.clear()
+    finally:
+        for w in writers.values():
+            w.abort()
+        for fh in list(sources.values()) + list(read_handles.values()):
+            fh.close()
+
+    if base.sharded:
+        _write_index(out_dir, layout, metadata)
+    stats.seconds = time.perf_counter() - start
+    stats.peak_rss_bytes = peak_rss_bytes()
+    if device.type == "cuda":
+        stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    if stats._retention:
+        stats.delta_retention = sum(r for _, r in stats._retention) / len(stats._retention)
+        stats.worst_retention = min(stats._retention, key=lambda x: x[1])
+    return stats
+
+
+def _compute(job, tensor, device, stats: EngineStats, measure_retention: bool):
+    _, out, info, eds = job
+    out_dtype = _torch_dtype(out.dtype)
+    if not eds:
+        return tensor.to(out_dtype)
+    stats.tensors_changed += 1
+    w0 = tensor.to(device=device, dtype=torch.float32)
+    w = w0
+    for e in eds:
+        w = e.apply(w, w0)
+    if not bool(torch.isfinite(w).all()):
+        _blame_non_finite(info.name, w0, eds)
+    result = w.to(out_dtype)
+    if measure_retention and out_dtype != torch.float32:
+        intended = w - w0
+        norm = float(torch.linalg.vector_norm(intended))
+        if norm > 0:
+            lost = float(torch.linalg.vector_norm(result.to(torch.float32) - w)) / norm
+            stats._retention.append((info.name, max(0.0, 1.0 - lost)))
+    return result.cpu()
+
+
+def _torch_dtype(code: str):
+    from adaptool.io.safetensors_file import torch_dtype
+
+    return torch_dtype(code)
+
+
+def _blame_non_finite(name: str, w0, eds) -> None:
+    if not bool(torch.isfinite(w0).all()):
+        raise AdaptoolError(f"base tensor {name} contains NaN or Inf", "repair the base checkpoint")
+    sources = ", ".join(sorted({e.source for e in eds}))
+    raise AdaptoolError(f"merging into {name} produced NaN or Inf (adapter: {sources})",
+                        "check the adapter for NaN/Inf or overflowing values")
+
+
+def _write_index(out_dir: Path, layout, metadata: dict[str, str]) -> None:
+    weight_map, total = {}, 0
+    for name, tensors in layout:
+        for t in tensors:
+            weight_map[t.name] = name
+            total += t.nbytes
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors files, PEFT adapter folders, the hub, atomic output."""

@@ -1,0 +1,62 @@
+"""Turn a user's "path or hub id" into a local folder.
+
+A local path always wins. Otherwise ``org/name[@revision]`` is fetched (or found in the cache) with
+huggingface_hub, which honours ``HF_HUB_CACHE``, ``HF_HOME`` and ``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from adaptool.errors import AdaptoolError
+
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+BASE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja",
+                 "*.tiktoken"]
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
+
+
+def is_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec)) and not Path(spec).exists()
+
+
+def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = None) -> Path:
+    """Return a local folder (or file) for ``spec``.
+
+    Args:
+        spec (str): a local path, or a hub id ``org/name`` with an optional ``@revision``.
+        what (str): "base model" or "adapter", for messages.
+        allow_patterns (list[str] | None): files to fetch from the hub. Default: everything.
+
+    Raises:
+        AdaptoolError: the path does not exist, or the hub id cannot be resolved.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    m = HUB_ID.match(spec)
+    if not m:
+        raise AdaptoolError(f"{what} {spec!r} not found", "give an existing folder or a hub id like org/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    repo, rev = m.group("repo"), m.group("rev")
+    try:
+        return Path(snapshot_download(repo, revision=rev, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:
+        raise AdaptoolError(
+            f"{what} {spec!r} is neither a local folder nor in the hub cache (offline or unreachable)",
+            "download it first (hf download), or unset HF_HUB_OFFLINE",
+        ) from None
+    except RevisionNotFoundError:
+        raise AdaptoolError(f"{what} {spec!r}: revision {rev!r} not found", "check the @revision") from None
+    except GatedRepoError:
+        raise AdaptoolError(f"{what} {spec!r} is gated", "accept its licence on the hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise AdaptoolError(f"{what} {spec!r} not found locally or on the hub", "check the spelling, or log in for a private repo") from None
+    except OSError as e:
+        raise AdaptoolError(f"{what} {spec!r} could not be fetched: {e}", "check your network or HF_HUB_OFFLINE") from None

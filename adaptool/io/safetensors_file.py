@@ -1,0 +1,174 @@
+"""Lazy, copy-friendly access to one ``.safetensors`` file.
+
+We parse the header ourselves instead of memory-mapping the file: a tensor is read with one
+``readinto`` into a fresh buffer, so resident memory holds only the tensors in flight (an mmap would keep
+every touched page of a 5 GB shard resident), and an unchanged tensor can be copied file-to-file by the
+kernel without ever entering Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptool.errors import AdaptoolError
+
+# safetensors dtype codes and their element sizes.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``file`` bytes ``[start, end)`` hold ``shape`` elements of ``dtype``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header.
+
+    Returns:
+        (tensors, metadata): tensor infos in file order (absolute byte offsets) and ``__metadata__``.
+
+    Raises:
+        AdaptoolError: the file is missing, truncated, or not safetensors.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER or n + 8 > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise AdaptoolError(f"{path}: file not found", "check the path") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdaptoolError(
+            f"{path}: not a valid safetensors file ({e})", "re-download or re-save the checkpoint"
+        ) from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise AdaptoolError(f"{path}: malformed header entry for tensor {name!r}",
+                                "re-save the checkpoint") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype not in DTYPE_SIZES or end - begin != numel * DTYPE_SIZES[dtype] or data_start + end > size:
+            raise AdaptoolError(
+                f"{path}: tensor {name!r} has inconsistent dtype/shape/offsets (file truncated?)",
+                "re-download or re-save the checkpoint",
+            )
+        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end))
+    tensors.sort(key=lambda t: t.start)
+    return {t.name: t for t in tensors}, metadata
+
+
+def torch_dtype(code: str):
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    }[code]
+
+
+def dtype_code(dtype) -> str:
+    import torch
+
+    codes = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+        torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    }
+    return codes[dtype]
+
+
+def load_tensor(info: TensorInfo, handle=None):
+    """Read one tensor into a fresh CPU tensor (the only copy; nothing stays mapped).
+
+    Args:
+        info (TensorInfo): the tensor to read.
+        handle: an open binary file for ``info.file`` to reuse. Default: open and close one.
+    """
+    import torch
+
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    own = handle is None
+    f = open(info.file, "rb") if own else handle
+    try:
+        f.seek(info.start)
+        got = f.readinto(memoryview(buf.numpy()))
+    finally:
+        if own:
+            f.close()
+    if got != info.nbytes:
+        raise AdaptoolError(f"{info.file}: tensor {info.name!r} is truncated", "re-download the checkpoint")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def copy_range(src, dst, start: int, length: int) -> None:
+    """Copy ``length`` bytes at ``start`` of open file ``src`` to the current end of ``dst``, in the kernel."""
+    dst.flush()
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    offset = start
+    remaining = length
+    out_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    try:
+        while remaining > 0:
+            n = os.copy_file_range(src_fd, dst_fd, remaining, offset, out_offset)
+            if n == 0:
+                raise OSError("short copy")
+            offset += n
+            out_offset += n
+            remaining -= n
+        os.lseek(dst_fd, out_offset, os.SEEK_SET)
+        return
+    except (OSError, AttributeError):
+        # Cross-device or unsupported filesystems: fall back to a bounded buffered copy.
+        pass
+    os.lseek(dst_fd, out_offset, os.SEEK_SET)
+    src.seek(offset)
+    chunk = 64 * 1024 * 1024
+    while remaining > 0:
+        data = src.read(min(chunk, remaining))
+        if not data:
+            raise AdaptoolError(f"{src.name}: file is truncated", "re-download the checkpoint")
+        dst.write(data)
+        remaining -= len(data)

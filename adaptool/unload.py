@@ -1,0 +1,150 @@
+"""``unload``: fold adapters into a base checkpoint and write a plain model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from adaptool.errors import AdaptoolError
+
+SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+SKIP_SIDE_FILES = {"model.safetensors.index.json", "adapter_config.json"}
+
+
+def open_adapter(spec: str):
+    from adaptool.io.adapter_folder import AdapterFolder
+    from adaptool.io.hub import ADAPTER_PATTERNS, resolve
+
+    return AdapterFolder.open(resolve(spec, "adapter", ADAPTER_PATTERNS), source=spec)
+
+
+def open_base(spec: str):
+    from adaptool.io.checkpoint import Checkpoint
+    from adaptool.io.hub import BASE_PATTERNS, resolve
+
+    return Checkpoint.open(resolve(spec, "base model", BASE_PATTERNS))
+
+
+def split_sources(spec: str) -> tuple[str | None, list[str]]:
+    """``BASE+ADAPTER[+ADAPTER…]`` or ``ADAPTER[+ADAPTER…]`` into (base or None, adapters)."""
+    from adaptool.io.adapter_folder import is_adapter_folder
+    from adaptool.io.hub import ADAPTER_PATTERNS, resolve
+
+    parts = [p.strip() for p in spec.split("+")]
+    if any(not p for p in parts):
+        raise AdaptoolError(f"cannot read {spec!r}", "write BASE+ADAPTER[+ADAPTER…], e.g. ./base+./my-lora")
+    first = parts[0]
+    local = Path(first).expanduser()
+    if local.exists():
+        first_is_adapter = is_adapter_folder(local)
+    else:
+        try:
+            first_is_adapter = is_adapter_folder(resolve(first, "adapter", ADAPTER_PATTERNS))
+        except AdaptoolError:
+            first_is_adapter = False
+    if first_is_adapter:
+        return None, parts
+    if len(parts) == 1:
+        raise AdaptoolError(f"{first} is not an adapter folder (no adapter_config.json)",
+                            "write BASE+ADAPTER, e.g. ./base+./my-lora")
+    return first, parts[1:]
+
+
+def unload(
+    base: str | None,
+    adapters: list[str],
+    output: str | Path,
+    *,
+    dtype: str | None = None,
+    device: str = "auto",
+    force: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Fold ``adapters`` (each at weight 1, in order) into ``base`` and write the model to ``output``.
+
+    Args:
+        base (str | None): base folder or hub id; None takes the first adapter's ``base_model_name_or_path``.
+        adapters (list[str]): adapter folders or hub ids.
+        output (str | Path): the output folder (created atomically).
+        dtype (str | None): output dtype of float tensors. Default: the base's.
+        device (str): auto, cpu, cuda or cuda:N.
+        force (bool): replace a non-empty output folder.
+        on_start: called with (tensor count, total bytes) once the plan is checked.
+        on_progress: called with the bytes of each tensor written.
+
+    Returns:
+        dict: a summary (output, tensors_changed, bytes_written, seconds, peak memory, …).
+
+    Raises:
+        AdaptoolError: any problem with the inputs, found before anything is written where possible.
+    """
+    from adaptool.adapters import edits_for
+    from adaptool.device import resolve_device, resolve_dtype
+    from adaptool.engine import output_layout, run
+    from adaptool.io.output_dir import AtomicDir, check_target
+    from adaptool.plan import Plan
+    from adaptool.provenance import metadata, model_card
+
+    if not adapters:
+        raise AdaptoolError("no adapter given", "write BASE+ADAPTER")
+    target = Path(output)
+    check_target(target, force)
+    out_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    folders = [open_adapter(a) for a in adapters]
+    if base is None:
+        base = folders[0].config.get("base_model_name_or_path")
+        if not base:
+            raise AdaptoolError(f"{adapters[0]} names no base_model_name_or_path", "give the base: BASE+ADAPTER")
+    checkpoint = open_base(base)
+    plan = Plan()
+    for folder in folders:
+        check_finite(folder)
+        plan.add(edits_for(folder, checkpoint))
+
+    layout = output_layout(checkpoint, out_dtype)
+    total_bytes = sum(t.nbytes for _, ts in layout for t in ts)
+    if on_start:
+        on_start(len(checkpoint.tensors), total_bytes)
+    command = "adaptool unload " + "+".join([base, *adapters])
+    meta = metadata("unload", base, folders)
+    with AtomicDir(target, force) as tmp:
+        stats = run(checkpoint, plan.edits, tmp, out_dtype, dev, meta, on_progress)
+        copy_side_files(checkpoint.root, tmp, dtype_name(out_dtype))
+        summary = stats.as_dict()
+        (tmp / "README.md").write_text(model_card(target.name, command, base, folders, summary))
+    return {"output": str(target), "base": base, "adapters": list(adapters), "device": str(dev), **summary}
+
+
+def dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def copy_side_files(src: Path, dst: Path, new_dtype: str | None) -> None:
+    """config.json, generation_config.json and tokenizer files travel with the weights."""
+    for pattern in SIDE_FILE_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            if f.name in SKIP_SIDE_FILES or not f.is_file():
+                continue
+            shutil.copyfile(f, dst / f.name)
+    cfg = dst / "config.json"
+    if new_dtype and cfg.exists():
+        data = json.loads(cfg.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = new_dtype
+        cfg.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_finite(folder) -> None:
+    """Refuse an adapter with NaN/Inf anywhere, naming the tensor, before any output is written."""
+    import torch
+
+    for name in folder.names:
+        t = folder.load(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdaptoolError(f"{folder.source}: tensor {name} contains NaN or Inf",
+                                "the adapter is broken; retrain or re-export it")
