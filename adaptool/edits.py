@@ -20,9 +20,13 @@ class AddDelta:
     target: str
     source: str
     delta: Callable[[torch.device], torch.Tensor]  # float32 Δ in the base tensor's layout
+    round_delta_to: torch.dtype | None = None  # PEFT rounds embedding deltas to the weight dtype before adding
 
     def apply(self, w, w0):
-        return w + self.delta(w.device)
+        d = self.delta(w.device)
+        if self.round_delta_to is not None:
+            d = d.to(self.round_delta_to).to(torch.float32)
+        return w + d
 
 
 @dataclass

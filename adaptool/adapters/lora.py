@@ -137,22 +137,26 @@ def lora_edits(adapter, base) -> list:
 
     resolve = TensorResolver(base, adapter)
     fifo_default = bool(adapter.config.get("fan_in_fan_out"))
-    edits = []
+    # Saved base-layer tensors replace the base first (as PEFT loads them), then the deltas apply on top.
+    edits = aux_edits(adapter, base, resolve)
     for m in lora_modules(adapter):
         target = resolve.tensor(m.path, "weight")
         w_shape = base.tensors[target].shape
         fifo = _check_and_layout(adapter, m, w_shape, fifo_default)
-        edits.append(_module_edit(adapter, m, target, w_shape, fifo))
+        edits.append(_module_edit(adapter, m, target, w_shape, fifo, base.tensors[target].dtype))
         if m.bias_key:
             bias = resolve.tensor(m.path, "bias", why="lora_bias=True needs a bias in the base layer")
             edits.append(AddDelta(bias, adapter.source, _bias_delta(adapter, m.bias_key, m.scaling)))
-    edits += aux_edits(adapter, base, resolve)
     return edits
 
 
-def _module_edit(adapter, m: LoraModule, target, w_shape, fifo):
+def _module_edit(adapter, m: LoraModule, target, w_shape, fifo, base_dtype):
     delta = lambda device, m=m: m.delta(device, w_shape, fifo)  # noqa: E731
     if m.magnitude_key is None:
+        if m.kind == "embedding":  # PEFT: W += Δ.to(W.dtype), a rounding we repeat to give its numbers
+            from adaptool.io.safetensors_file import torch_dtype
+
+            return AddDelta(target, adapter.source, delta, torch_dtype(base_dtype))
         return AddDelta(target, adapter.source, delta)
     layout = "conv" if m.kind == "conv" else "embedding" if m.kind == "embedding" else "fifo" if fifo else "linear"
     key = m.magnitude_key
