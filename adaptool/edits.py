@@ -1,8 +1,10 @@
 """Edits: what an adapter does to one base tensor.
 
-An edit's ``apply(w, w0)`` takes the tensor so far and the untouched base tensor (both float32, on the
-compute device) and returns the new float32 tensor. The engine applies a tensor's edits in adapter order and
-rounds once at the end.
+An edit is prepared once per tensor (its adapter tensors loaded on the compute device) into a function
+``fn(w, w0, start, stop)``: given rows ``[start, stop)`` of the tensor so far and of the untouched base (both
+float32 on the device) it returns those rows edited. Row-wise edits let the engine work through a big
+weight in cache-sized blocks; an edit whose rows depend on each other (``row_wise = False``) is called once
+with the whole tensor. The engine applies a tensor's edits in adapter order and rounds once at the end.
 """
 
 from __future__ import annotations
@@ -12,45 +14,62 @@ from typing import Callable
 
 import torch
 
+RowFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
 
 @dataclass
 class AddDelta:
-    """``w + Δ`` for an additive adapter module (LoRA, and later LoHa/LoKr/AdaLoRA)."""
+    """``w + Δ`` for an additive module. ``rows(device)`` returns ``(start, stop) -> Δ[start:stop]`` in float32."""
 
     target: str
     source: str
-    delta: Callable[[torch.device], torch.Tensor]  # float32 Δ in the base tensor's layout
+    delta_rows: Callable[[torch.device], Callable[[int, int], torch.Tensor]]
+    row_wise: bool = True
     round_delta_to: torch.dtype | None = None  # PEFT rounds embedding deltas to the weight dtype before adding
 
-    def apply(self, w, w0):
-        d = self.delta(w.device)
-        if self.round_delta_to is not None:
-            d = d.to(self.round_delta_to).to(torch.float32)
-        return w + d
+    def prepare(self, device) -> RowFn:
+        delta = self.delta_rows(device)
+        round_to = self.round_delta_to
+
+        def fn(w, w0, start, stop):
+            d = delta(start, stop)
+            if round_to is not None:
+                d = d.to(round_to).to(torch.float32)
+            return d.add_(w)  # Δ is a fresh tensor; Δ + w equals w + Δ bit for bit
+
+        return fn
 
 
 @dataclass
 class DoraRescale:
-    """DoRA: ``(m / ‖W0 + Δ‖) · (W + Δ)``, the norm taken per output feature against the unmerged base."""
+    """DoRA: ``(m / ‖W0 + Δ‖) · (W + Δ)``, the norm per output feature against the unmerged base weight."""
 
     target: str
     source: str
-    delta: Callable[[torch.device], torch.Tensor]
+    delta_rows: Callable[[torch.device], Callable[[int, int], torch.Tensor]]
     magnitude: Callable[[torch.device], torch.Tensor]
     layout: str  # "linear" | "fifo" | "embedding" | "conv"
 
-    def apply(self, w, w0):
-        d = self.delta(w.device)
-        m = self.magnitude(w.device)
-        if self.layout == "conv":
-            dims = tuple(range(1, w0.dim()))
-            norm = (w0 + d).norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
-            factor = (m / norm).view(-1, *([1] * (w.dim() - 1)))
-        elif self.layout == "linear":
-            factor = (m / torch.linalg.norm(w0 + d, dim=1)).view(-1, 1)
-        else:  # fifo (GPT-2 Conv1D) and embeddings keep the output feature in dim 1
-            factor = (m / torch.linalg.norm(w0.T + d.T, dim=1)).view(1, -1)
-        return factor * (w + d)
+    @property
+    def row_wise(self) -> bool:
+        return self.layout == "linear"  # one norm per row; the other layouts normalise columns
+
+    def prepare(self, device) -> RowFn:
+        delta, m, layout = self.delta_rows(device), self.magnitude(device), self.layout
+
+        def fn(w, w0, start, stop):
+            d = delta(start, stop)
+            if layout == "linear":
+                factor = (m[start:stop] / torch.linalg.norm(w0 + d, dim=1)).view(-1, 1)
+            elif layout == "conv":
+                dims = tuple(range(1, w0.dim()))
+                norm = (w0 + d).norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
+                factor = (m / norm).view(-1, *([1] * (w.dim() - 1)))
+            else:  # GPT-2 Conv1D and embeddings keep the output feature in dim 1
+                factor = (m / torch.linalg.norm(w0.T + d.T, dim=1)).view(1, -1)
+            return factor * (w + d)
+
+        return fn
 
 
 @dataclass
@@ -60,9 +79,11 @@ class Replace:
     target: str
     source: str
     value: Callable[[torch.device], torch.Tensor]
+    row_wise: bool = True
 
-    def apply(self, w, w0):
-        return self.value(w.device).to(torch.float32)
+    def prepare(self, device) -> RowFn:
+        value = self.value(device).to(torch.float32)
+        return lambda w, w0, start, stop: value[start:stop]
 
 
 @dataclass
@@ -73,7 +94,9 @@ class ReplaceRows:
     source: str
     rows: Callable[[torch.device], torch.Tensor]
     indices: list[int]
+    row_wise: bool = False
 
-    def apply(self, w, w0):
-        idx = torch.tensor(self.indices, device=w.device)
-        return w.index_copy(0, idx, self.rows(w.device).to(torch.float32))
+    def prepare(self, device) -> RowFn:
+        rows = self.rows(device).to(torch.float32)
+        idx = torch.tensor(self.indices, device=device)
+        return lambda w, w0, start, stop: w.index_copy(0, idx, rows)

@@ -55,14 +55,20 @@ class LoraModule:
         return b, a
 
     def delta(self, device, weight_shape: tuple[int, ...], fifo: bool):
-        """ΔW in the base weight's layout, float32, in PEFT's order of operations (matmul, transpose, scale)."""
+        """ΔW in the base weight's layout, float32."""
+        return self.delta_rows(device, weight_shape, fifo)(0, weight_shape[0])
+
+    def delta_rows(self, device, weight_shape: tuple[int, ...], fifo: bool):
+        """``(start, stop) -> ΔW[start:stop]`` (base layout, float32), in PEFT's order of operations:
+        matmul, transpose, scale. Each row block is the same dot products PEFT computes, so blocks are exact."""
         b, a = self.factors(device)
+        s = self.scaling
         if self.kind == "conv":
-            return _conv_delta(b, a, weight_shape) * self.scaling
-        d = b @ a
+            full = _conv_delta(b, a, weight_shape).mul_(s)
+            return lambda start, stop: full[start:stop].clone()
         if self.kind == "embedding" or fifo:
-            d = d.T
-        return d * self.scaling
+            return lambda start, stop: (b @ a[:, start:stop]).T.mul_(s)
+        return lambda start, stop: (b[start:stop] @ a).mul_(s)
 
 
 def _f32():
@@ -146,18 +152,18 @@ def lora_edits(adapter, base) -> list:
         edits.append(_module_edit(adapter, m, target, w_shape, fifo, base.tensors[target].dtype))
         if m.bias_key:
             bias = resolve.tensor(m.path, "bias", why="lora_bias=True needs a bias in the base layer")
-            edits.append(AddDelta(bias, adapter.source, _bias_delta(adapter, m.bias_key, m.scaling)))
+            edits.append(AddDelta(bias, adapter.source, _bias_delta(adapter, m.bias_key, m.scaling), row_wise=False))
     return edits
 
 
 def _module_edit(adapter, m: LoraModule, target, w_shape, fifo, base_dtype):
-    delta = lambda device, m=m: m.delta(device, w_shape, fifo)  # noqa: E731
+    delta = lambda device, m=m: m.delta_rows(device, w_shape, fifo)  # noqa: E731
     if m.magnitude_key is None:
         if m.kind == "embedding":  # PEFT: W += Δ.to(W.dtype), a rounding we repeat to give its numbers
             from adaptool.io.safetensors_file import torch_dtype
 
-            return AddDelta(target, adapter.source, delta, torch_dtype(base_dtype))
-        return AddDelta(target, adapter.source, delta)
+            return AddDelta(target, adapter.source, delta, round_delta_to=torch_dtype(base_dtype))
+        return AddDelta(target, adapter.source, delta, row_wise=m.kind != "conv")
     layout = "conv" if m.kind == "conv" else "embedding" if m.kind == "embedding" else "fifo" if fifo else "linear"
     key = m.magnitude_key
     magnitude = lambda device: adapter.load(key).to(device=device, dtype=_f32())  # noqa: E731
@@ -165,7 +171,11 @@ def _module_edit(adapter, m: LoraModule, target, w_shape, fifo, base_dtype):
 
 
 def _bias_delta(adapter, key, scaling):
-    return lambda device: adapter.load(key).to(device=device, dtype=_f32()) * scaling
+    def rows(device):
+        d = adapter.load(key).to(device=device, dtype=_f32()) * scaling
+        return lambda start, stop: d[start:stop].clone()
+
+    return rows
 
 
 def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool) -> bool:

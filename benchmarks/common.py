@@ -1,0 +1,150 @@
+"""Shared pieces of the benchmarks: synthetic Llama-shaped checkpoints and adapters, and measuring a child.
+
+Checkpoints are written straight with safetensors (no transformers model is built), so a 1.6 GB base takes
+seconds to make and is reused from ``benchmarks/.cache`` on later runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(__file__).parent / ".cache"
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_shapes(hidden=2048, intermediate=5632, layers=16, vocab=32000, heads=16, kv_heads=4):
+    head_dim = hidden // heads
+    kv = kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+        })
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+    }
+    return shapes, config
+
+
+def make_base(path: Path, layers: int, shards: int = 4, seed: int = 0) -> Path:
+    """A random bf16 Llama-shaped checkpoint in ``shards`` files with an index (reused if present)."""
+    from safetensors.torch import save_file
+
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shapes, config = llama_shapes(layers=layers)
+    names = list(shapes)
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    per_shard = total / shards
+    g = torch.Generator().manual_seed(seed)
+    groups, cur, size = [], [], 0
+    for n in names:
+        cur.append(n)
+        size += math.prod(shapes[n]) * 2
+        if size >= per_shard and len(groups) < shards - 1:
+            groups.append(cur)
+            cur, size = [], 0
+    groups.append(cur)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for n in group:
+            t = torch.randn(shapes[n], generator=g, dtype=torch.float32) * 0.02
+            tensors[n] = t.to(torch.bfloat16)
+            weight_map[n] = fname
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.rename(tmp, path)
+    return path
+
+
+def make_lora(path: Path, base: Path, r: int = 16, alpha: int = 32, seed: int = 1, use_rslora: bool = False,
+              targets=LINEAR) -> Path:
+    """A PEFT-format LoRA adapter for every targeted linear layer of ``base`` (reused if present)."""
+    from safetensors.torch import save_file
+
+    if (path / "adapter_config.json").exists():
+        return path
+    config = json.loads((base / "config.json").read_text())
+    shapes, _ = llama_shapes(layers=config["num_hidden_layers"])
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        module = name[: -len(".weight")]
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        out_f, in_f = shape
+        key = "base_model.model." + module
+        tensors[key + ".lora_A.weight"] = (torch.randn(r, in_f, generator=g) / math.sqrt(in_f)).to(torch.bfloat16)
+        tensors[key + ".lora_B.weight"] = (torch.randn(out_f, r, generator=g) * 0.01).to(torch.bfloat16)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": r,
+        "lora_alpha": alpha, "use_rslora": use_rslora, "target_modules": sorted(targets), "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "inference_mode": True,
+    }, indent=2))
+    return path
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; return wall seconds and the child's peak RSS (bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "stdout": out}
+
+
+def drop_output(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cp_sync(src: Path, dst: Path) -> dict:
+    drop_output(dst)
+    return measure(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
+
+
+def adaptool_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "adaptool", *args]
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
