@@ -23,11 +23,10 @@ import torch
 
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from adaptool.io.safetensors_file import FLOAT_CODES, dtype_code, load_tensor
+from adaptool.io.safetensors_file import FLOAT_CODES, dtype_code, prefetch, read_block
 from adaptool.io.writer import OutputTensor, ShardWriter
 
-PREFETCH = 1
-WRITE_QUEUE = 2
+WRITE_QUEUE = 4
 BLOCK_ELEMS = 1 << 21  # ~8 MB of float32 per row block: the math stays in cache on a CPU
 BLOCK_ELEMS_CUDA = 1 << 28
 RETENTION_SAMPLE = 4  # measure rounding loss on every 4th block
@@ -96,72 +95,53 @@ def run(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     layout = output_layout(base, out_dtype)
-    jobs = []  # (shard_idx, OutputTensor, TensorInfo, edits)
-    for idx, (_, tensors) in enumerate(layout):
-        for t in tensors:
-            jobs.append((idx, t, base.tensors[t.name], edits.get(t.name, [])))
-    stats.tensors_total = len(jobs)
-
-    writers: dict[int, ShardWriter] = {}
-    sources: dict[Path, object] = {}
-    read_handles: dict[Path, object] = {}
-
-    def needs_read(job) -> bool:
-        _, out, info, eds = job
-        return bool(eds) or out.dtype != info.dtype
-
-    def read(job):
-        info = job[2]
-        fh = read_handles.get(info.file) or read_handles.setdefault(info.file, open(info.file, "rb"))
-        return load_tensor(info, fh)
-
-    def write(job, tensor):
-        idx, out, info, _ = job
-        if idx not in writers:
-            for prev in list(writers):  # shards are written in order: close the finished one
-                writers.pop(prev).close()
-            writers[idx] = ShardWriter(out_dir / layout[idx][0], layout[idx][1], metadata)
-        w = writers[idx]
-        if tensor is None:
-            src = sources.get(info.file) or sources.setdefault(info.file, open(info.file, "rb"))
-            w.copy_tensor(out.name, src, info.start, info.nbytes)
-        else:
-            w.write_tensor(out.name, tensor)
-        stats.bytes_written += out.nbytes
-        if on_progress:
-            on_progress(out.nbytes)
-
-    reads: deque = deque()
-    writes: deque = deque()
-    next_read = 0
+    stats.tensors_total = sum(len(ts) for _, ts in layout)
     threads = torch.get_num_threads()
-    # The reader and writer threads need cores too: an OpenMP team that oversubscribes the CPU spins at its
-    # barriers and runs ~7x slower (measured on 2 cores), so the math gets what the I/O threads leave.
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
+    # The writer thread needs a core too: an OpenMP team that oversubscribes the CPU spins at its barriers
+    # and runs ~7x slower (measured on 2 cores), so the math gets the cores the I/O leaves.
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
+    handles: dict[Path, object] = {}
+    writes: deque = deque()
     try:
-        with ThreadPoolExecutor(1, "adaptool-read") as reader, ThreadPoolExecutor(1, "adaptool-write") as writer:
-            for i, job in enumerate(jobs):
-                while next_read < len(jobs) and next_read <= i + PREFETCH:
-                    j = jobs[next_read]
-                    reads.append(reader.submit(read, j) if needs_read(j) else None)
-                    next_read += 1
-                fut = reads.popleft()
-                tensor = fut.result() if fut is not None else None
-                if tensor is not None:
-                    tensor = _compute(job, tensor, device, stats, measure_retention)
-                writes.append(writer.submit(write, job, tensor))
+        with ThreadPoolExecutor(1, "adaptool-write") as pool:
+            def submit(fn, *args):
+                writes.append(pool.submit(fn, *args))
                 while len(writes) > WRITE_QUEUE:
                     writes.popleft().result()
-            while writes:
-                writes.popleft().result()
-            for w in writers.values():
-                w.close()
-            writers.clear()
+
+            for (name, tensors), shard in zip(layout, base.shards):
+                src = handles.get(shard) or handles.setdefault(shard, open(shard, "rb"))
+                writer = ShardWriter(out_dir / name, tensors, metadata)
+                try:
+                    for i, out in enumerate(tensors):
+                        info = base.tensors[out.name]
+                        if i + 1 < len(tensors):
+                            prefetch(src, base.tensors[tensors[i + 1].name])
+                        eds = edits.get(out.name, [])
+                        if not eds and out.dtype == info.dtype:
+                            writer.begin_tensor(out.name)
+                            submit(writer.copy_part, src, info.start, info.nbytes)
+                        else:
+                            writer.begin_tensor(out.name)
+                            _stream_tensor(src, info, out, eds, device, stats, measure_retention,
+                                           lambda block: submit(writer.write_part, block))
+                        stats.bytes_written += out.nbytes
+                        if on_progress:
+                            submit(on_progress, out.nbytes)
+                    while writes:
+                        writes.popleft().result()
+                    writer.close()
+                except BaseException:
+                    while writes:  # let queued writes finish before the file goes away
+                        try:
+                            writes.popleft().result()
+                        except Exception:
+                            pass
+                    writer.abort()
+                    raise
     finally:
         torch.set_num_threads(threads)
-        for w in writers.values():
-            w.abort()
-        for fh in list(sources.values()) + list(read_handles.values()):
+        for fh in handles.values():
             fh.close()
 
     if base.sharded:
@@ -176,39 +156,43 @@ def run(
     return stats
 
 
-def _compute(job, tensor, device, stats: EngineStats, measure_retention: bool):
-    """Apply a tensor's edits in float32 and round once; row-wise edits go through cache-sized row blocks."""
-    _, out, info, eds = job
+def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_retention: bool, emit) -> None:
+    """Read, edit in float32, round once and emit one tensor, in row blocks that stay in cache.
+
+    Edits that are not row-wise (DoRA on column-normalised layouts, row replacement) get the whole tensor
+    as one block. Each emitted block is a fresh CPU tensor in the output dtype.
+    """
     out_dtype = _torch_dtype(out.dtype)
-    if not eds:
-        return tensor.to(out_dtype)
-    stats.tensors_changed += 1
+    if eds:
+        stats.tensors_changed += 1
     fns = [e.prepare(device) for e in eds]
-    n_rows = tensor.shape[0] if tensor.dim() else 1
-    if all(e.row_wise for e in eds) and tensor.dim() >= 1:
-        row_elems = max(1, tensor.numel() // max(1, n_rows))
+    n_rows = info.shape[0] if info.shape else 1
+    row_elems = max(1, info.numel // max(1, n_rows))
+    if all(e.row_wise for e in eds) and info.shape:
         block = max(1, (BLOCK_ELEMS_CUDA if device.type == "cuda" else BLOCK_ELEMS) // row_elems)
     else:
         block = n_rows
-    result = torch.empty(tensor.shape, dtype=out_dtype, device=device)
     lost2 = intended2 = 0.0
     for i, start in enumerate(range(0, n_rows, block)):
         stop = min(n_rows, start + block)
-        w0 = tensor[start:stop].to(device=device, dtype=torch.float32) if tensor.dim() else tensor.to(device, torch.float32)
+        raw = read_block(src, info, start, stop) if info.shape else read_block(src, info, 0, 1)
+        if not fns:
+            emit(raw.to(device=device, dtype=torch.float32).to(out_dtype).cpu() if device.type != "cpu" else raw.to(out_dtype))
+            continue
+        w0 = raw.to(device=device, dtype=torch.float32)
         w = w0
         for fn in fns:
             w = fn(w, w0, start, stop)
         # a sum is NaN/Inf whenever an element is (it may also overflow: then look closer)
         if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
             _blame_non_finite(info.name, w0, eds)
-        rounded = result[start:stop] if tensor.dim() else result
-        rounded.copy_(w)
+        rounded = w.to(out_dtype)
         if measure_retention and out_dtype != torch.float32 and i % RETENTION_SAMPLE == 0:
             lost2 += float(torch.linalg.vector_norm(rounded.to(torch.float32) - w)) ** 2
             intended2 += float(torch.linalg.vector_norm(w - w0)) ** 2
+        emit(rounded.cpu())
     if intended2 > 0:
         stats._retention.append((info.name, max(0.0, 1.0 - (lost2 / intended2) ** 0.5)))
-    return result.cpu()
 
 
 def _torch_dtype(code: str):

@@ -189,15 +189,15 @@ def test_error_midway_leaves_nothing(llama_base, lora, tmp_path, monkeypatch):
     from adaptool.io import writer
 
     calls = {"n": 0}
-    real = writer.ShardWriter.write_tensor
+    real = writer.ShardWriter.write_part
 
-    def failing(self, name, tensor):
+    def failing(self, tensor):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        return real(self, name, tensor)
+        return real(self, tensor)
 
-    monkeypatch.setattr(writer.ShardWriter, "write_tensor", failing)
+    monkeypatch.setattr(writer.ShardWriter, "write_part", failing)
     out = tmp_path / "out"
     with pytest.raises(OSError):
         unload(str(llama_base), [str(lora)], out)
@@ -210,10 +210,10 @@ def test_sigkill_leaves_nothing_at_target(llama_base, lora, tmp_path):
     slow = (
         "import sys, time\n"
         "from adaptool.io import writer\n"
-        "real = writer.ShardWriter.copy_tensor\n"
+        "real = writer.ShardWriter.copy_part\n"
         "def slow(self, *a):\n"
         "    time.sleep(0.2); return real(self, *a)\n"
-        "writer.ShardWriter.copy_tensor = slow\n"
+        "writer.ShardWriter.copy_part = slow\n"
         "from adaptool.cli import main\n"
         f"main(['unload', {str(llama_base) + '+' + str(lora)!r}, '-o', {str(out)!r}])\n"
     )

@@ -162,7 +162,11 @@ def test_dtype_option_rounds_once(gpt2_base, tmp_path):
 
 
 def test_conv2d_lora(tmp_path):
-    """A custom Conv2d model: PEFT's conv delta (3x3 via conv2d, 1x1 shortcut) reproduced exactly."""
+    """A custom Conv2d model: PEFT's conv delta (3x3 via conv2d, 1x1 shortcut).
+
+    conv2d's float32 summation order depends on the thread count (the engine leaves cores to its I/O
+    threads), so this is float32-close rather than bit-equal; the 1x1 path is a matmul and stays exact.
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import save_file
 
@@ -187,8 +191,11 @@ def test_conv2d_lora(tmp_path):
     reference = PeftModel.from_pretrained(fresh, tmp_path / "a").merge_and_unload().state_dict()
     unload(str(base), [str(tmp_path / "a")], tmp_path / "out")
     ours = load_output(tmp_path / "out")
-    assert_same_model(ours, reference, max_ulp=0)
-    assert not torch.equal(ours["conv.weight"], net.state_dict()["conv.weight"])
+    assert set(ours) == set(reference)
+    for k in reference:
+        torch.testing.assert_close(ours[k], reference[k], rtol=0, atol=1e-6)
+    assert torch.equal(ours["point.weight"], reference["point.weight"])
+    assert (ours["conv.weight"] - net.state_dict()["conv.weight"]).abs().max() > 1e-3
 
 
 def test_provenance_and_card(llama_base, tmp_path):

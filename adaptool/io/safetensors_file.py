@@ -143,6 +143,33 @@ def load_tensor(info: TensorInfo, handle=None):
     return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
 
+def read_block(handle, info: TensorInfo, start_row: int, stop_row: int, buf=None):
+    """Rows ``[start_row, stop_row)`` of a tensor (dim 0), read with one ``pread`` into ``buf`` if given.
+
+    Returns a CPU tensor of shape ``(stop_row - start_row, *info.shape[1:])`` viewing the buffer.
+    """
+    import torch
+
+    row_bytes = info.nbytes // max(1, info.shape[0]) if info.shape else info.nbytes
+    n = (stop_row - start_row) * row_bytes if info.shape else info.nbytes
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, 1), dtype=torch.uint8)
+    view = buf[:n]
+    got = os.preadv(handle.fileno(), [memoryview(view.numpy())], info.start + start_row * row_bytes) if n else 0
+    if got != n:
+        raise AdaptoolError(f"{info.file}: tensor {info.name!r} is truncated", "re-download the checkpoint")
+    shape = (stop_row - start_row, *info.shape[1:]) if info.shape else ()
+    return view.view(torch_dtype(info.dtype)).reshape(shape)
+
+
+def prefetch(handle, info: TensorInfo) -> None:
+    """Ask the kernel to start reading a tensor's bytes (cold caches: the read overlaps our math)."""
+    try:
+        os.posix_fadvise(handle.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 def copy_range(src, dst, start: int, length: int) -> None:
     """Copy ``length`` bytes at ``start`` of open file ``src`` to the current end of ``dst``, in the kernel."""
     dst.flush()

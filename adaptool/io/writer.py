@@ -69,18 +69,34 @@ class ShardWriter:
         self.bytes_written += nbytes
 
     def write_tensor(self, name: str, tensor) -> None:
-        """Append a CPU tensor's bytes (it must have the dtype and shape promised in the header)."""
-        t = tensor.contiguous()
+        """Append a whole CPU tensor (it must have the dtype and shape promised in the header)."""
         spec = self._expected[self._next] if self._next < len(self._expected) else None
-        if spec is not None and spec.name == name and (dtype_code(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape):
-            raise RuntimeError(f"{name}: got {t.dtype} {tuple(t.shape)}, header promised {spec.dtype} {spec.shape}")
-        self._take(name, t.numel() * t.element_size())
-        if t.numel():
-            self._file.write(memoryview(t.reshape(-1).view(__import__("torch").uint8).numpy()))
+        if spec is not None and spec.name == name and (dtype_code(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape):
+            raise RuntimeError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, header promised {spec.dtype} {spec.shape}")
+        self._take(name, tensor.numel() * tensor.element_size())
+        self.write_part(tensor)
+
+    def begin_tensor(self, name: str) -> int:
+        """Start a tensor that arrives in parts (``write_part``); returns its byte size."""
+        spec = self._expected[self._next] if self._next < len(self._expected) else None
+        nbytes = spec.nbytes if spec is not None else -1
+        self._take(name, nbytes)
+        return nbytes
+
+    def write_part(self, tensor) -> None:
+        """Append the raw bytes of a contiguous CPU tensor block."""
+        if tensor.numel():
+            import torch
+
+            self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def copy_tensor(self, name: str, src_handle, start: int, length: int) -> None:
         """Append bytes copied straight from another file (an unchanged tensor)."""
         self._take(name, length)
+        self.copy_part(src_handle, start, length)
+
+    def copy_part(self, src_handle, start: int, length: int) -> None:
+        """Append ``length`` bytes of another file at ``start``, copied by the kernel (after ``begin_tensor``)."""
         copy_range(src_handle, self._file, start, length)
 
     def close(self) -> None:
