@@ -190,6 +190,7 @@ class Recipe:
     device: str = "auto"
     source_path: str | None = None
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    notes: tuple[str, ...] = field(default=(), compare=False, hash=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised recipe as plain JSON-serialisable data, for provenance metadata.
@@ -403,6 +404,7 @@ class _Doc:
 
     def __init__(self, source: str, where: dict[int, tuple[Any, Any]]):
         self.source = source
+        self.notes: list[str] = []
         self.where = where  # id(dict or list) -> (node, {key: (key_node, value_node)} or [item_node])
 
     def line(self, container: Any, key: Any = None, *, of_key: bool = False) -> int | None:
@@ -565,6 +567,7 @@ def _build(data: Any, doc: _Doc, base_dir: Path, output_override: str | None,
         device=_device(doc, data),
         source_path=source_path,
         raw=_plain_copy(data),
+        notes=tuple(doc.notes),
     )
     _check_output(doc, data, recipe)
     return recipe
@@ -625,8 +628,9 @@ def _parameters(doc: _Doc, data: Mapping, strategy: str, space: str) -> MergePar
 
 
 def _reject_unused(doc: _Doc, p: Mapping, strategy: str, space: str) -> None:
-    # A knob the strategy ignores is an error, not a silent no-op: it almost always means the recipe
-    # does not do what its author thinks (e.g. a seed on ties, which has no randomness).
+    # A knob the strategy ignores is reported, not silently dropped: it often means the recipe does not
+    # do what its author thinks (e.g. a seed on ties, which has no randomness). Only cat's rank is an
+    # error, since it contradicts what cat is. The rest are notes, so that one recipe can try strategies.
     used = parameters_used(strategy, space)
     for key in PARAMETER_KEYS:
         if p.get(key) is None or key in used:
@@ -635,12 +639,14 @@ def _reject_unused(doc: _Doc, p: Mapping, strategy: str, space: str) -> None:
         if key == "rank" and strategy == "cat":
             doc.fail(line, "parameters.rank cannot be used with strategy 'cat'",
                      "cat's rank is the sum of the adapters' ranks; remove rank, or use svd to choose one")
+        where = f"{doc.source}:{line}: " if line else ""
         if key == "rank":
-            doc.fail(line, f"parameters.rank has no effect with strategy '{strategy}' in space: factors",
-                     f"PEFT keeps the adapters' common rank there; remove rank, or use {_svd_variant(strategy)}")
+            doc.notes.append(f"{where}parameters.rank has no effect with strategy '{strategy}' in space: factors "
+                             f"(PEFT keeps the adapters' common rank; use {_svd_variant(strategy)} to choose one)")
+            continue
         users = [s for s in STRATEGIES if key in parameters_used(s, space)]
-        doc.fail(line, f"parameters.{key} has no effect with strategy '{strategy}'",
-                 f"remove it, or use a strategy that reads it ({', '.join(users)})")
+        doc.notes.append(f"{where}parameters.{key} has no effect with strategy '{strategy}' "
+                         f"(it is read by {', '.join(users)})")
 
 
 def _svd_variant(strategy: str) -> str:

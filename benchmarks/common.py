@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 CACHE = Path(__file__).parent / ".cache"
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,6 +45,7 @@ def llama_shapes(hidden=2048, intermediate=5632, layers=16, vocab=32000, heads=1
 
 def make_base(path: Path, layers: int, shards: int = 4, seed: int = 0) -> Path:
     """A random bf16 Llama-shaped checkpoint in ``shards`` files with an index (reused if present)."""
+    import torch
     from safetensors.torch import save_file
 
     if (path / "config.json").exists():
@@ -86,6 +85,7 @@ def make_base(path: Path, layers: int, shards: int = 4, seed: int = 0) -> Path:
 def make_lora(path: Path, base: Path, r: int = 16, alpha: int = 32, seed: int = 1, use_rslora: bool = False,
               targets=LINEAR) -> Path:
     """A PEFT-format LoRA adapter for every targeted linear layer of ``base`` (reused if present)."""
+    import torch
     from safetensors.torch import save_file
 
     if (path / "adapter_config.json").exists():
@@ -113,8 +113,28 @@ def make_lora(path: Path, base: Path, r: int = 16, alpha: int = 32, seed: int = 
     return path
 
 
+def ensure_inputs(layers: int, adapters: list[dict]) -> tuple[Path, list[Path]]:
+    """Build (once) the base and adapters in a child process, so that this process never imports torch:
+    a forked child starts with its parent's RSS, which would inflate every peak-RSS figure measured here."""
+    base = CACHE / f"llama-{layers}L"
+    paths = [CACHE / f"lora-{layers}L-{a['name']}" for a in adapters]
+    if not (base / "config.json").exists() or not all((p / "adapter_config.json").exists() for p in paths):
+        spec = json.dumps({"layers": layers, "adapters": adapters})
+        subprocess.run([sys.executable, __file__, spec], check=True)
+    return base, paths
+
+
+def _build(spec: dict) -> None:
+    base = make_base(CACHE / f"llama-{spec['layers']}L", spec["layers"])
+    for a in spec["adapters"]:
+        kw = {k: v for k, v in a.items() if k != "name"}
+        make_lora(CACHE / f"lora-{spec['layers']}L-{a['name']}", base, **kw)
+
+
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; return wall seconds and the child's peak RSS (bytes)."""
+    """Run ``cmd`` after flushing earlier writes (so they are not billed to it); return wall seconds and the
+    child's peak RSS (bytes)."""
+    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
@@ -136,6 +156,10 @@ def cp_sync(src: Path, dst: Path) -> dict:
     return measure(["bash", "-c", f"cp -r '{src}' '{dst}' && sync"])
 
 
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
 def adaptool_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "adaptool", *args]
 
@@ -148,3 +172,7 @@ def print_table(rows: list[tuple], header: tuple) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    _build(json.loads(sys.argv[1]))
