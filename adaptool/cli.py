@@ -118,12 +118,15 @@ def _run_with_progress(work, label: str, output):
 
 def _report(summary: dict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "plan_text"}, indent=2, default=str))
         return
     if summary.get("dry_run"):
         typer.echo(summary.get("plan_text", ""))
         return
     mb = 1024 * 1024
+    if "strategy" in summary:
+        _report_merge(summary)
+        return
     line = (f"wrote {summary['output']}: {summary.get('tensors_changed', 0)} of {summary.get('tensors_total', 0)} tensors "
             f"changed, {summary.get('bytes_written', 0) / mb:,.1f} MiB in {summary.get('seconds', 0):.2f} s, "
             f"peak RSS {summary.get('peak_rss_bytes', 0) / mb:,.0f} MiB")
@@ -132,6 +135,22 @@ def _report(summary: dict, as_json: bool) -> None:
         worst = summary.get("worst_retention") or {}
         typer.echo(f"delta retention after rounding: mean {summary['delta_retention']:.4f}"
                    + (f", worst {worst['retention']:.4f} ({worst['tensor']})" if worst else ""))
+    for note in summary.get("notes", []):
+        typer.echo(f"note: {note}")
+
+
+def _report_merge(summary: dict) -> None:
+    mb = 1024 * 1024
+    what = (f"{summary['modules']} modules, rank {summary.get('rank')}" if summary["kind"] == "adapter"
+            else f"{summary['modules']} modules folded, {summary.get('tensors_changed', 0)} of "
+                 f"{summary.get('tensors_total', 0)} tensors changed")
+    typer.echo(f"wrote {summary['output']} ({summary['strategy']}, space {summary['space']}, {summary['kind']}): {what}, "
+               f"{summary.get('bytes_written', 0) / mb:,.1f} MiB in {summary['seconds']:.2f} s, "
+               f"peak RSS {summary.get('peak_rss_bytes', 0) / mb:,.0f} MiB")
+    energy = summary.get("energy_kept")
+    if energy:
+        typer.echo(f"energy kept by the rank cut: mean {energy['mean']:.4f}, min {energy['min']:.4f} "
+                   f"({energy['worst_module']})")
     for note in summary.get("notes", []):
         typer.echo(f"note: {note}")
 

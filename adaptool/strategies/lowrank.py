@@ -66,7 +66,7 @@ def truncate_lowrank(
         return B.float(), A.float(), 1.0
     Qb, Rb = torch.linalg.qr(B.float())  # (out, m), (m, R)
     Qa, Ra = torch.linalg.qr(A.float().T)  # (in, p), (p, R)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    U, S, Vh = _svd(Rb @ Ra.T)
     k = min(rank, S.numel())
     B_k = Qb @ (U[:, :k] * S[:k])
     A_k = Vh[:k] @ Qa.T
@@ -94,7 +94,7 @@ def svd_dense(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, f
         raise AdaptoolError(
             f"svd needs a 2-D delta, got shape {tuple(D.shape)}", "flatten conv kernels to (out, in*k*k) first"
         )
-    U, S, Vh = torch.linalg.svd(D.float(), full_matrices=False)
+    U, S, Vh = _svd(D.float())
     k = min(rank, S.numel())
     # U * S equals PEFT's U @ diag(S) entry for entry, without the k x k matmul.
     return U[:, :k] * S[:k], Vh[:k], _energy(S, k)
@@ -139,6 +139,23 @@ def _quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
     v_below = torch.kthvalue(x, below + 1).values
     v_above = v_below if above == below else torch.kthvalue(x, above + 1).values
     return torch.lerp(v_below, v_above, (pos - below).to(x.dtype))
+
+
+def _svd(M: torch.Tensor):
+    """Reduced SVD whose bits do not depend on the thread count.
+
+    LAPACK's CPU SVD splits its work by thread, so 1 and 2 threads give different last bits, and a merge
+    would not be reproducible across machines. On the CPU it runs on one thread (QR, used above, is
+    already thread-count independent); on a GPU the result is what the device's solver gives.
+    """
+    if M.device.type != "cpu":
+        return torch.linalg.svd(M, full_matrices=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.svd(M, full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _energy(S: torch.Tensor, k: int) -> float:

@@ -1,0 +1,129 @@
+"""One module of a merge: the adapters' factors in, a low-rank pair or a dense delta out.
+
+Orientation: everything here is in LoRA factor orientation, ``B (out, r) @ A (r, in)``; for embeddings
+that is ``(dim, num_embeddings)``, the transpose of the weight, and conv kernels are flattened to
+``(out, in*k*k)``. Folding into a base weight (layout, transpose, reshape) is :func:`rows_in_base_layout`'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adaptool.strategies import (
+    base_method,
+    clamp_factors,
+    combine,
+    combine_factors,
+    concat_lowrank,
+    generator_for,
+    svd_dense,
+    truncate_lowrank,
+)
+
+SVD_SUFFIX = "_svd"
+LOWRANK_STRATEGIES = ("linear", "cat", "svd")
+
+
+@dataclass
+class Combined:
+    """A merged module: ``B @ A`` (low rank) or ``dense``, with the share of energy a truncation kept."""
+
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    energy: float = 1.0
+    truncated: bool = False
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.B is None else self.B.shape[1]
+
+
+@dataclass
+class MergeSpec:
+    """What every module of one merge shares."""
+
+    strategy: str
+    space: str  # delta | factors
+    density: float | None
+    majority_sign_method: str
+    rank: int | None
+    clamp: float | None
+    seed: int
+    to_adapter: bool  # the result must be a LoRA (re-factored where dense)
+    n_adapters: int  # in the whole recipe (PEFT forces linear for one adapter)
+    peft_rank: int | None = None  # space: factors, from PEFT's rank rules
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """Conv factors as matrices: A (r, in, k, k) -> (r, in*k*k), B (out, r, 1, 1) -> (out, r)."""
+    return t.reshape(t.shape[0], -1) if t.dim() > 2 else t
+
+
+def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool = False) -> Combined:
+    """Merge one module.
+
+    Args:
+        path (str): module path (seeds DARE's generators, so results do not depend on order).
+        entries (list[tuple[LoraModule, float]]): the adapters that adapt this module, with their weights.
+        spec (MergeSpec): the strategy and its parameters.
+        device: where the math runs.
+        fifo (bool): the base stores this weight (in, out) (GPT-2 Conv1D); PEFT's svd path prunes the
+            transposed delta, which only matters in ``space: factors``.
+    """
+    factors = [m.factors(device) for m, _ in entries]
+    Bs = [flat(b) for b, _ in factors]
+    As = [flat(a) for _, a in factors]
+    scalings = [m.scaling for m, _ in entries]
+    weights = [w for _, w in entries]
+    if spec.space == "factors":
+        return _factors_space(path, As, Bs, scalings, weights, spec, device, entries[0][0].kind == "embedding", fifo)
+    coeffs = [w * s for w, s in zip(weights, scalings)]
+    max_rank = max(b.shape[1] for b in Bs)
+    if spec.strategy in LOWRANK_STRATEGIES:  # exact low-rank algebra
+        B, A = concat_lowrank(Bs, As, coeffs)
+        if spec.strategy == "cat" or (spec.strategy == "linear" and spec.rank is None):
+            return Combined(B, A)
+        k = spec.rank or max_rank
+        Bk, Ak, energy = truncate_lowrank(B, A, k)
+        if spec.clamp is not None:
+            Bk, Ak = clamp_factors(Bk, Ak, spec.clamp)
+        return Combined(Bk, Ak, energy=energy, truncated=Bk.shape[1] < B.shape[1])
+    deltas = [b @ a for b, a in zip(Bs, As)]
+    deltas = [d.mul_(s) for d, s in zip(deltas, scalings)]
+    generators = [generator_for(spec.seed, f"{path}#{i}", device) for i in range(len(deltas))]
+    D = combine(deltas, weights, base_method(spec.strategy), spec.density, spec.majority_sign_method, generators)
+    del deltas
+    if not (spec.to_adapter or spec.strategy.endswith(SVD_SUFFIX)):
+        return Combined(dense=D)
+    Bk, Ak, energy = svd_dense(D, spec.rank or max_rank)
+    if spec.clamp is not None:
+        Bk, Ak = clamp_factors(Bk, Ak, spec.clamp)
+    return Combined(Bk, Ak, energy=energy, truncated=True)
+
+
+def _factors_space(path, As, Bs, scalings, weights, spec: MergeSpec, device, is_embedding, fifo) -> Combined:
+    from adaptool.strategies import peft_effective_type
+
+    ctype = peft_effective_type(spec.n_adapters, spec.strategy)
+    A, B = combine_factors(As, Bs, scalings, weights, ctype, new_rank=spec.peft_rank, density=spec.density,
+                           majority_sign_method=spec.majority_sign_method, svd_clamp=spec.clamp,
+                           generator=generator_for(spec.seed, path, device), is_embedding=is_embedding,
+                           fan_in_fan_out=fifo)
+    return Combined(B, A)
+
+
+def rows_in_base_layout(c: Combined, kind: str, fifo: bool, weight_shape: tuple[int, ...]):
+    """``(start, stop) -> rows of the merged ΔW`` in the base weight's layout (float32), and whether row
+    blocks are possible (they are for low-rank linear results)."""
+    transposed = kind == "embedding" or fifo
+    if c.dense is not None or kind == "conv":
+        full = c.dense if c.dense is not None else c.B @ c.A
+        full = (full.T if transposed else full).reshape(weight_shape)
+        return (lambda start, stop: full[start:stop].clone()), False
+    B, A = c.B, c.A
+    if transposed:
+        return (lambda start, stop: (B @ A[:, start:stop]).T), True
+    return (lambda start, stop: B[start:stop] @ A), True
