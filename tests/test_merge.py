@@ -209,14 +209,15 @@ output: {{path: {out}, dtype: float32}}
     compared = 0
     for name, module in pm.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "m" in module.lora_A:
-            for part in ("lora_A", "lora_B"):
-                ref = getattr(module, part)["m"].weight.detach()
-                key = f"base_model.model.{name}.{part}.weight"
-                got = ours[key]
-                ref = ref[: got.shape[0]] if part == "lora_A" else ref[:, : got.shape[1]]
-                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"{ctype} {key}")
-                compared += 1
-    assert compared >= 8
+            A_ref, B_ref = module.lora_A["m"].weight.detach(), module.lora_B["m"].weight.detach()
+            A, B = ours[f"base_model.model.{name}.lora_A.weight"], ours[f"base_model.model.{name}.lora_B.weight"]
+            assert A.shape == A_ref.shape and B.shape == B_ref.shape, name
+            if ctype.endswith("svd"):  # SVD factors are unique only up to sign: compare the product
+                torch.testing.assert_close(B @ A, B_ref @ A_ref, rtol=1e-5, atol=1e-6, msg=f"{ctype} {name}")
+            else:
+                assert torch.equal(A, A_ref) and torch.equal(B, B_ref), f"{ctype} {name}"
+            compared += 1
+    assert compared >= 4
 
 
 def test_factor_space_refuses_unequal_ranks(adapters, tmp_path):

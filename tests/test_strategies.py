@@ -445,8 +445,10 @@ def _compare(model, merged_name, ours, exact):
             assert torch.equal(A, A_peft), name
             assert torch.equal(B, B_peft), name
         else:
-            torch.testing.assert_close(A, A_peft, atol=1e-6, rtol=1e-5, msg=name)
-            torch.testing.assert_close(B, B_peft, atol=1e-6, rtol=1e-5, msg=name)
+            # SVD factors are unique only up to sign/rotation within near-equal singular values, and LAPACK's
+            # choice depends on the thread count: compare the merged delta B @ A instead.
+            torch.testing.assert_close(B.float() @ A.float(), B_peft.float() @ A_peft.float(), atol=1e-6, rtol=1e-5,
+                                       msg=name)
         assert torch.count_nonzero(A) > 0 and torch.count_nonzero(B) > 0
 
 
