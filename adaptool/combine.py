@@ -12,15 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from adaptool.strategies import (
-    base_method,
     clamp_factors,
-    combine,
     combine_factors,
     concat_lowrank,
     generator_for,
-    svd_dense,
+    refactor,
     truncate_lowrank,
 )
+from adaptool.strategies.blockwise import BlockwiseMerge
 
 SVD_SUFFIX = "_svd"
 LOWRANK_STRATEGIES = ("linear", "cat", "svd")
@@ -32,7 +31,7 @@ class Combined:
 
     B: torch.Tensor | None = None
     A: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
+    dense: BlockwiseMerge | None = None  # evaluated block by block when folded into a base
     energy: float = 1.0
     truncated: bool = False
 
@@ -91,14 +90,12 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
         if spec.clamp is not None:
             Bk, Ak = clamp_factors(Bk, Ak, spec.clamp)
         return Combined(Bk, Ak, energy=energy, truncated=Bk.shape[1] < B.shape[1])
-    deltas = [b @ a for b, a in zip(Bs, As)]
-    deltas = [d.mul_(s) for d, s in zip(deltas, scalings)]
-    generators = [generator_for(spec.seed, f"{path}#{i}", device) for i in range(len(deltas))]
-    D = combine(deltas, weights, base_method(spec.strategy), spec.density, spec.majority_sign_method, generators)
-    del deltas
+    generators = [generator_for(spec.seed, f"{path}#{i}", device) for i in range(len(Bs))]
+    merged = BlockwiseMerge(Bs, As, scalings, weights, spec.strategy, spec.density, spec.majority_sign_method,
+                            generators)
     if not (spec.to_adapter or spec.strategy.endswith(SVD_SUFFIX)):
-        return Combined(dense=D)
-    Bk, Ak, energy = svd_dense(D, spec.rank or max_rank)
+        return Combined(dense=merged)
+    Bk, Ak, energy = refactor(merged.full(), spec.rank or max_rank)
     if spec.clamp is not None:
         Bk, Ak = clamp_factors(Bk, Ak, spec.clamp)
     return Combined(Bk, Ak, energy=energy, truncated=True)
@@ -119,10 +116,14 @@ def rows_in_base_layout(c: Combined, kind: str, fifo: bool, weight_shape: tuple[
     """``(start, stop) -> rows of the merged ΔW`` in the base weight's layout (float32), and whether row
     blocks are possible (they are for low-rank linear results)."""
     transposed = kind == "embedding" or fifo
-    if c.dense is not None or kind == "conv":
-        full = c.dense if c.dense is not None else c.B @ c.A
-        full = (full.T if transposed else full).reshape(weight_shape)
+    if kind == "conv":
+        full = (c.dense.full() if c.dense is not None else c.B @ c.A).reshape(weight_shape)
         return (lambda start, stop: full[start:stop].clone()), False
+    if c.dense is not None:
+        m = c.dense
+        if transposed:
+            return (lambda start, stop: m.block(cols=slice(start, stop)).T), True
+        return (lambda start, stop: m.block(rows=slice(start, stop))), True
     B, A = c.B, c.A
     if transposed:
         return (lambda start, stop: (B @ A[:, start:stop]).T), True

@@ -417,7 +417,7 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
         w_shape = base.tensors[target_name].shape
         fifo = _check_and_layout(first.adapter, first, w_shape, bool(first.adapter.config.get("fan_in_fan_out")))
         plan.add([AddDelta(target_name, "merge", _merged_rows(g, spec, fifo, w_shape, energies),
-                           row_wise=g.kind == "linear" and _is_lowrank(spec))])
+                           row_wise=g.kind != "conv")])
         biases = [(m, w) for _, m, w in g.entries if m.bias_key]
         if biases:
             bias_name = resolve.tensor(g.path, "bias", why="lora_bias=True needs a bias in the base layer")
@@ -447,10 +447,6 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
         summary["energy_kept"] = {"mean": sum(e for _, e in energies) / len(energies), "min": min(e for _, e in energies),
                                   "worst_module": min(energies, key=lambda x: x[1])[0]}
     return summary
-
-
-def _is_lowrank(spec) -> bool:
-    return spec.space == "factors" or spec.strategy in ("linear", "cat", "svd") or spec.strategy.endswith("_svd")
 
 
 def _merged_rows(g: ModuleGroup, spec, fifo, w_shape, energies):

@@ -557,3 +557,60 @@ def test_factors_refusals():
     assert set(COMBINATION_TYPES) == {
         "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
         "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd"}
+
+
+# ---------------------------------------------------------------------------------------------- blockwise
+
+
+def test_kth_largest_abs_is_exact():
+    from adaptool.strategies.blockwise import kth_largest_abs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g) * torch.logspace(-6, 3, 200_000)
+    for k in (1, 7, 100_000, 199_999, 200_000):
+        assert kth_largest_abs(x, k) == torch.topk(x.abs(), k).values.min()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "magnitude_prune", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("msm", ["total", "frequency"])
+def test_blockwise_merge_equals_dense_combine(method, msm):
+    from adaptool.strategies.blockwise import BlockwiseMerge
+
+    g = torch.Generator().manual_seed(1)
+    Bs = [torch.randn(60, r, generator=g) for r in (3, 5)]
+    As = [torch.randn(r, 45, generator=g) for r in (3, 5)]
+    coeffs, weights = [0.5, 2.0], [0.7, -0.4]
+    density = None if method == "linear" else 0.4
+    gens = [torch.Generator().manual_seed(i) for i in (5, 6)]
+    merged = BlockwiseMerge(Bs, As, coeffs, weights, method, density, msm, gens)
+    deltas = [b @ a * c for b, a, c in zip(Bs, As, coeffs)]
+    if method.startswith("dare"):
+        # the same masks, applied by hand: keep where rand < density, rescale by 1/density
+        masks = [torch.rand((60, 45), generator=torch.Generator().manual_seed(i)) < 0.4 for i in (5, 6)]
+        deltas = [d * m / 0.4 for d, m in zip(deltas, masks)]
+        method_ref, density_ref = ("linear" if method == "dare_linear" else "ties"), 1.0
+    else:
+        method_ref, density_ref = method, density
+    ref = combine(deltas, weights, method_ref, density_ref, msm)
+    torch.testing.assert_close(merged.full(), ref, atol=1e-5, rtol=1e-5)
+    rows = torch.cat([merged.block(rows=slice(i, i + 7)) for i in range(0, 60, 7)])
+    cols = torch.cat([merged.block(cols=slice(i, i + 9)) for i in range(0, 45, 9)], dim=1)
+    torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cols, ref, atol=1e-5, rtol=1e-5)
+    assert ref.abs().sum() > 0
+
+
+def test_refactor_randomized_is_near_best_and_reproducible():
+    from adaptool.strategies import refactor
+
+    g = torch.Generator().manual_seed(2)
+    # a slowly decaying spectrum, like a ties result
+    U = torch.linalg.qr(torch.randn(1100, 200, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(1300, 200, generator=g)).Q
+    D = (U * torch.linspace(1, 0.05, 200)) @ V.T
+    B, A, energy = refactor(D, 16)
+    _, _, best = svd_dense(D, 16)
+    assert B.shape == (1100, 16) and A.shape == (16, 1300)
+    assert 0.99 * best <= energy <= best + 1e-6  # a flat spectrum: the hard case for a randomized method
+    B2, A2, _ = refactor(D, 16)
+    assert torch.equal(B, B2) and torch.equal(A, A2)

@@ -8,7 +8,7 @@
 """
 
 from adaptool.strategies.consensus import SIGN_METHODS, disjoint_merge, majority_sign_mask
-from adaptool.strategies.lowrank import clamp_factors, concat_lowrank, svd_dense, truncate_lowrank
+from adaptool.strategies.lowrank import clamp_factors, concat_lowrank, refactor, svd_dense, truncate_lowrank
 from adaptool.strategies.peft_factors import (
     COMBINATION_TYPES,
     ELEMENTWISE_TYPES,
@@ -39,6 +39,7 @@ __all__ = [
     "peft_new_rank",
     "prune_magnitude",
     "prune_random",
+    "refactor",
     "svd_dense",
     "truncate_lowrank",
 ]

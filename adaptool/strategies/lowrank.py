@@ -100,6 +100,39 @@ def svd_dense(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, f
     return U[:, :k] * S[:k], Vh[:k], _energy(S, k)
 
 
+RANDOMIZED_MIN_DIM = 1024  # below this an exact SVD is cheap enough
+POWER_ITERATIONS = 4
+OVERSAMPLE = 32
+
+
+def refactor(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Rank-k factors of a dense delta: exact SVD for small matrices, randomized subspace iteration for big ones.
+
+    A dense float32 SVD of a 4096 x 14336 matrix takes minutes on a CPU; when ``k`` is well below
+    ``min(out, in)`` a randomized range finder (``k + 32`` columns, 4 power iterations, a fixed seed so the
+    result is reproducible) followed by an exact SVD of the small projection gets within a hair of the
+    optimum at a few percent of the cost. ``energy_kept`` is always measured against the whole ``‖D‖²``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, float]: ``B_k (out, k')``, ``A_k (k', in)``, energy kept.
+    """
+    _check_rank(rank)
+    small = min(D.shape)
+    if small <= RANDOMIZED_MIN_DIM or rank + OVERSAMPLE >= small // 2:
+        return svd_dense(D, rank)
+    D = D.float()
+    g = torch.Generator(device=D.device).manual_seed(0)
+    omega = torch.randn(D.shape[1], rank + OVERSAMPLE, generator=g, device=D.device)
+    Q = torch.linalg.qr(D @ omega).Q
+    for _ in range(POWER_ITERATIONS):
+        Q = torch.linalg.qr(D @ torch.linalg.qr(D.T @ Q).Q).Q
+    U, S, Vh = _svd(Q.T @ D)
+    k = min(rank, S.numel())
+    total = float(torch.linalg.vector_norm(D)) ** 2
+    energy = float((S[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return Q @ (U[:, :k] * S[:k]), Vh[:k], min(1.0, energy)
+
+
 def clamp_factors(
     B: torch.Tensor, A: torch.Tensor, quantile: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
