@@ -65,7 +65,7 @@ def unload(
         return run_unload(base, adapters, output, dtype=dtype, device=device, force=force,
                           on_start=on_start, on_progress=on_progress)
 
-    summary = _run_with_progress(work, "Merging", output)
+    summary = _run_with_progress(work, "Writing", "tensors")
     _report(summary, as_json)
 
 
@@ -90,11 +90,11 @@ def merge(
         return run_merge(recipe, output=output, device=device, dry_run=dry_run, force=force,
                          on_start=on_start, on_progress=on_progress)
 
-    summary = _run_with_progress(work, "Merging", output)
+    summary = _run_with_progress(work, "Merging", "items")
     _report(summary, as_json)
 
 
-def _run_with_progress(work, label: str, output):
+def _run_with_progress(work, label: str, unit: str):
     """Run ``work`` with a rich progress bar on a terminal (nothing on a pipe)."""
     if not sys.stderr.isatty():
         return work(None, None)
@@ -106,8 +106,8 @@ def _run_with_progress(work, label: str, output):
                         TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     task = {}
 
-    def on_start(n_tensors: int, n_bytes: int):
-        task["id"] = progress.add_task(f"{label} {n_tensors} tensors", total=n_bytes)
+    def on_start(n_items: int, n_bytes: int):
+        task["id"] = progress.add_task(f"{label} {n_items} {unit}", total=n_bytes)
 
     def on_progress(n: int):
         progress.advance(task["id"], n)

@@ -100,3 +100,58 @@ class ReplaceRows:
         rows = self.rows(device).to(torch.float32)
         idx = torch.tensor(self.indices, device=device)
         return lambda w, w0, start, stop: w.index_copy(0, idx, rows)
+
+
+@dataclass
+class ScaleRowsCols:
+    """``w * s`` for a learned scaling vector (IA3): one factor per row or one per column.
+
+    ``scale(device)`` returns ``s`` shaped to broadcast against the whole tensor: ``(rows, 1, …)`` for
+    ``along="rows"`` (a bias takes ``(rows,)``), ``(1, cols, …)`` for ``along="cols"``. Either way rows stay
+    independent, so the edit is row-wise. PEFT computes ``mul(W, l)`` in float32 and rounds once, as we do.
+    """
+
+    target: str
+    source: str
+    scale: Callable[[torch.device], torch.Tensor]
+    along: str  # "rows" | "cols"
+    row_wise: bool = True
+
+    def prepare(self, device) -> RowFn:
+        s = self.scale(device).to(torch.float32)
+        if self.along == "rows":
+            return lambda w, w0, start, stop: w * s[start:stop]
+        return lambda w, w0, start, stop: w * s
+
+
+@dataclass
+class Rotate:
+    """OFT: the input features of every row turned by a block-diagonal rotation ``R = diag(R_1 … R_n)``.
+
+    ``blocks(device)`` returns the blocks ``(n, b, b)`` in float32, ``n * b`` = the product of the tensor's
+    trailing dims (Conv2d kernels are flattened as PEFT views them). ``transpose=True`` gives ``W Rᵀ``, which
+    PEFT computes as ``(R @ Wᵀ)ᵀ`` for Linear and Conv2d; ``transpose=False`` gives ``W R`` (Embedding). PEFT
+    multiplies by the dense (in × in) ``R``; block by block is the same sum without its zeros, in
+    O(rows · in · b) time and O(in · b) memory instead of O(rows · in²) and O(in²).
+    """
+
+    target: str
+    source: str
+    blocks: Callable[[torch.device], torch.Tensor]
+    transpose: bool
+    row_wise: bool = True
+
+    def prepare(self, device) -> RowFn:
+        r = self.blocks(device).to(torch.float32)
+        n, b, _ = r.shape
+        transpose = self.transpose
+
+        def fn(w, w0, start, stop):
+            wb = w.reshape(w.shape[0], n, b).transpose(0, 1)  # (n, rows, b)
+            if transpose:  # R_j @ W_jᵀ, PEFT's operand order, then back to (rows, n, b)
+                out = torch.bmm(r, wb.transpose(1, 2)).permute(2, 0, 1)
+            else:
+                out = torch.bmm(wb, r).transpose(0, 1)
+            return out.reshape(w.shape)
+
+        return fn

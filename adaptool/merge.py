@@ -91,7 +91,8 @@ def merge(
     if dry_run:
         return {"dry_run": True, "output": str(target), "notes": notes, **plan, "plan_text": _plan_text(recipe, folders, plan, notes)}
     if recipe.output.kind == "adapter":
-        summary = _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, on_progress)
+        summary = _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, on_progress,
+                                 plan["output_bytes_estimate"])
     else:
         summary = _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, force, on_start, on_progress)
     summary["seconds"] = time.perf_counter() - start
@@ -172,8 +173,9 @@ def _plan_summary(recipe, folders, groups, spec, base) -> dict:
     if recipe.output.kind == "model" and base is not None:
         out_bytes = base.total_bytes
     return {
-        "adapters": [{"source": f.source, "weight": a.weight, "modules": len(lora_modules_count(f))}
-                     for f, a in zip(folders, recipe.adapters)],
+        "adapters": [{"source": f.source, "weight": a.weight,
+                      "modules": sum(1 for g in groups.values() for j, _, _ in g.entries if j == i)}
+                     for i, (f, a) in enumerate(zip(folders, recipe.adapters))],
         "modules": len(groups),
         "rank_in": _span([r for rs in ranks_in.values() for r in rs]),
         "rank_out": _span([r for r in out_rank.values() if r]),
@@ -193,12 +195,6 @@ def _output_rank(ranks: list[int], strategy: str, spec) -> int | None:
     if spec.to_adapter or strategy.endswith("_svd"):
         return spec.rank or max(ranks)
     return None
-
-
-def lora_modules_count(folder):
-    from adaptool.adapters.lora import lora_modules
-
-    return lora_modules(folder)
 
 
 def _span(values: list[int]) -> list[int] | None:
@@ -232,7 +228,7 @@ def _plan_text(recipe, folders, plan, notes) -> str:
 # kind: adapter
 
 
-def _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, on_progress) -> dict:
+def _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, on_progress, total_bytes) -> dict:
     import torch
 
     from adaptool.combine import combine_module
@@ -246,7 +242,7 @@ def _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, 
     ranks: dict[str, int] = {}
     energies = []
     if on_start:
-        on_start(len(groups), len(groups))
+        on_start(len(groups), total_bytes)
     for g in groups.values():
         entries = [(m, w) for _, m, w in g.entries]
         c = combine_module(g.path, entries, spec, dev, g.fifo)
@@ -268,7 +264,7 @@ def _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, 
             tensors[f"{key}.lora_B.bias"] = bias.to(dtype).cpu()
         ranks[g.path] = A.shape[0]
         if on_progress:
-            on_progress(1)
+            on_progress(A.numel() * A.element_size() + B.numel() * B.element_size())
     tensors.update(_carried_aux(folders))
     config = _adapter_config(recipe, folders, ranks, any(k.endswith("lora_B.bias") for k in tensors))
     meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
@@ -416,12 +412,12 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
         target_name = resolve.tensor(g.path, "weight")
         w_shape = base.tensors[target_name].shape
         fifo = _check_and_layout(first.adapter, first, w_shape, bool(first.adapter.config.get("fan_in_fan_out")))
-        plan.add([AddDelta(target_name, "merge", _merged_rows(g, spec, fifo, w_shape, energies),
+        plan.add([AddDelta(target_name, "the merged adapters", _merged_rows(g, spec, fifo, w_shape, energies),
                            row_wise=g.kind != "conv")])
         biases = [(m, w) for _, m, w in g.entries if m.bias_key]
         if biases:
             bias_name = resolve.tensor(g.path, "bias", why="lora_bias=True needs a bias in the base layer")
-            plan.add([AddDelta(bias_name, "merge", _bias_rows(biases), row_wise=False)])
+            plan.add([AddDelta(bias_name, "the merged adapters", _bias_rows(biases), row_wise=False)])
     for i, folder, m, w in dora:
         resolve = TensorResolver(base, folder)
         target_name = resolve.tensor(m.path, "weight")
