@@ -217,3 +217,25 @@ def test_provenance_and_card(llama_base, tmp_path):
     assert f"base_model: {llama_base}" in card and str(adapter) in card
     assert (out / "config.json").exists() and (out / "generation_config.json").exists()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_output(out).values())
+
+
+def test_side_files_travel(llama_base, tmp_path):
+    """config, generation config and tokenizer files are copied; other files (and the base's card) are not."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    side = {"tokenizer.json": "{}", "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
+            "chat_template.jinja": "{{ messages }}", "tokenizer.model": "spm"}
+    for name, text in side.items():
+        (base / name).write_text(text)
+    (base / "README.md").write_text("the base's own card")
+    (base / "training_args.bin").write_bytes(b"\x00")
+    adapter = make_adapter(llama_base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    unload(str(base), [str(adapter)], out)
+    for name, text in side.items():
+        assert (out / name).read_text() == text
+    assert not (out / "training_args.bin").exists() and not (out / "adapter_config.json").exists()
+    assert "the base's own card" not in (out / "README.md").read_text()
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
