@@ -173,9 +173,12 @@ def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_rete
     else:
         block = n_rows
     lost2 = intended2 = 0.0
+    buf = torch.empty(min(n_rows, block) * (info.nbytes // max(1, n_rows)) or 1, dtype=torch.uint8)
     for i, start in enumerate(range(0, n_rows, block)):
         stop = min(n_rows, start + block)
-        raw = read_block(src, info, start, stop) if info.shape else read_block(src, info, 0, 1)
+        raw = read_block(src, info, start, stop, buf) if info.shape else read_block(src, info, 0, 1)
+        if device.type == "cpu" and raw.dtype == torch.float32:
+            raw = raw.clone()  # the float32 "conversion" below would alias the reused read buffer
         if not fns:
             emit(raw.to(device=device, dtype=torch.float32).to(out_dtype).cpu() if device.type != "cpu" else raw.to(out_dtype))
             continue
