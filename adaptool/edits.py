@@ -106,8 +106,9 @@ class ReplaceRows:
 class ScaleRowsCols:
     """``w * s`` for a learned scaling vector (IA3): one factor per row or one per column.
 
-    ``scale(device)`` returns ``s`` shaped to broadcast against the whole tensor: ``(rows, 1, …)`` for
-    ``along="rows"`` (a bias takes ``(rows,)``), ``(1, cols, …)`` for ``along="cols"``. Either way rows stay
+    ``scale(device)`` returns ``s`` shaped to broadcast against the whole tensor: for ``along="rows"`` its
+    first dim is the tensor's rows (``(rows, 1, …)``; a bias ``(rows,)``; a grouped conv's per-filter factors
+    ``(rows, in/groups, 1, 1)``), for ``along="cols"`` it is 1 (``(1, cols, …)``). Either way rows stay
     independent, so the edit is row-wise. PEFT computes ``mul(W, l)`` in float32 and rounds once, as we do.
     """
 

@@ -8,14 +8,26 @@ from __future__ import annotations
 from adaptool.errors import AdaptoolError
 
 
+# peft_type -> (module, function): each family lives in its own module, imported only when used.
+FAMILIES = {
+    "LORA": ("lora", "lora_edits"),
+    "LOHA": ("loha", "loha_edits"),
+    "LOKR": ("lokr", "lokr_edits"),
+    "IA3": ("ia3", "ia3_edits"),
+    "ADALORA": ("adalora", "adalora_edits"),
+    "OFT": ("oft", "oft_edits"),
+}
+
+
 def edits_for(adapter, base):
     """All edits one adapter makes to a base checkpoint (see :mod:`adaptool.edits`)."""
-    peft_type = adapter.peft_type
-    if peft_type == "LORA":
-        from adaptool.adapters.lora import lora_edits
+    import importlib
 
-        return lora_edits(adapter, base)
-    raise AdaptoolError(
-        f"{adapter.source}: adapter type {peft_type} is not supported yet",
-        "supported: LORA (incl. rsLoRA, DoRA, modules_to_save, trainable tokens)",
-    )
+    peft_type = adapter.peft_type
+    if peft_type not in FAMILIES:
+        raise AdaptoolError(
+            f"{adapter.source}: adapter type {peft_type} is not supported yet",
+            "supported: LORA (incl. rsLoRA, DoRA, modules_to_save, trainable tokens), LOHA, LOKR, IA3, ADALORA, OFT",
+        )
+    module, function = FAMILIES[peft_type]
+    return getattr(importlib.import_module(f"adaptool.adapters.{module}"), function)(adapter, base)

@@ -1,0 +1,126 @@
+"""What the non-LoRA families (LoHa, LoKr, IA3, AdaLoRA, OFT) share: finding their modules in the tensor
+names, the tensors they save besides their own (``modules_to_save`` …), and fitting a module to the base.
+"""
+
+from __future__ import annotations
+
+from adaptool.adapters.patterns import pattern_value
+from adaptool.errors import AdaptoolError
+
+
+def module_keys(adapter, suffixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``{module path: {suffix: tensor name}}`` for every tensor whose name ends in one of ``suffixes``.
+
+    Modules come in the adapter file's order. A suffix matches whole (``.lokr_w1`` does not match
+    ``….lokr_w1_a``), so families whose parameter names share a prefix need no special care.
+    """
+    modules: dict[str, dict[str, str]] = {}
+    for name in adapter.names:
+        for suffix in suffixes:
+            if name.endswith(suffix):
+                modules.setdefault(name[: -len(suffix)], {})[suffix] = name
+                break
+    return modules
+
+
+def extra_edits(adapter, base, resolve, own_suffixes: tuple[str, ...]) -> list:
+    """Replacements for what the adapter saves besides its own factors: ``modules_to_save`` copies, saved
+    ``base_layer`` tensors (``bias="all"``/``"oft_only"``), trainable-token rows.
+
+    LoRA's reading of those applies unchanged once the family's own tensors are out of sight.
+    """
+    from adaptool.adapters.lora import aux_edits
+
+    return aux_edits(_WithoutOwn(adapter, own_suffixes), base, resolve)
+
+
+class _WithoutOwn:
+    """The adapter with its family's own tensors hidden (``aux_edits`` would read them as base tensors)."""
+
+    def __init__(self, adapter, own_suffixes: tuple[str, ...]):
+        self._adapter = adapter
+        self.names = [n for n in adapter.names if not n.endswith(own_suffixes)]
+
+    def __getattr__(self, attr):
+        return getattr(self._adapter, attr)
+
+
+def lycoris_scaling(adapter, path: str) -> tuple[int, float]:
+    """(r, alpha / r) of module ``path`` for LoHa and LoKr, under PEFT's first-match pattern rule.
+
+    LyCORIS configs call alpha ``alpha`` (LoRA: ``lora_alpha``); there is no rsLoRA variant.
+    """
+    cfg = adapter.config
+    r = pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8))
+    alpha = pattern_value(cfg.get("alpha_pattern"), path, cfg.get("alpha", 8))
+    if not r or r <= 0:
+        raise AdaptoolError(f"{adapter.source}: {path} has r={r} in adapter_config.json",
+                            "r must be a positive integer; fix r/rank_pattern")
+    return int(r), alpha / r
+
+
+def check_rank(adapter, path: str, on_disk: int, configured: int) -> None:
+    """The rank a factor has on disk must be the rank the config gives the module (PEFT could not load it)."""
+    if on_disk != configured:
+        raise AdaptoolError(f"{adapter.source}: {path} has rank {on_disk} on disk but its config says r={configured}",
+                            "fix r/rank_pattern in adapter_config.json")
+
+
+def misfit(adapter, path: str, implied, actual, hint: str = "check that the adapter was trained on this base model"):
+    """The error for a module whose tensors do not fit the base weight (raise it)."""
+    return AdaptoolError(f"{adapter.source}: {path} does not fit the base: adapter implies {tuple(implied)}, "
+                         f"base has {tuple(actual)}", hint)
+
+
+def incomplete(adapter, path: str, suffix: str):
+    """The error for a module missing one of its tensors (raise it)."""
+    return AdaptoolError(f"{adapter.source}: {path} has no {path}{suffix}", "the adapter file is incomplete; re-save it")
+
+
+def inconsistent(adapter, path: str, *shapes):
+    """The error for a module whose saved tensors do not fit each other (raise it)."""
+    listed = ", ".join(str(tuple(s)) for s in shapes)
+    return AdaptoolError(f"{adapter.source}: {path} has tensors of shapes {listed}, which do not fit together",
+                         "the adapter file is inconsistent; re-save it")
+
+
+def refuse_layer(adapter, path: str, family: str, w_shape, supported: str):
+    """The error for a module whose base layer type the family (or adaptool) cannot fold (raise it)."""
+    kind = {3: "a Conv1d", 5: "a Conv3d"}.get(len(w_shape), f"a {len(w_shape)}-D")
+    return AdaptoolError(f"{adapter.source}: {family} on {path}, {kind} layer {tuple(w_shape)}, cannot be folded by adaptool",
+                         f"supported: {supported}")
+
+
+def transposed_layout(out_f: int, in_f: int, w_shape, fifo_default: bool) -> bool | None:
+    """Whether a 2-D base weight is stored (in, out) like GPT-2's ``Conv1D``; None when it fits neither way.
+
+    A square weight fits both ways: then the config's ``fan_in_fan_out`` decides, as PEFT set it at injection.
+    """
+    w_shape = tuple(w_shape)
+    straight, flipped = w_shape == (out_f, in_f), w_shape == (in_f, out_f)
+    if straight and flipped:
+        return fifo_default
+    if straight or flipped:
+        return flipped
+    return None
+
+
+def same_kernel(implied, w_shape) -> bool:
+    """``implied == w_shape`` where PEFT's reshape drops trailing 1s (Conv1d kernels built as (k, 1))."""
+    implied, w_shape = tuple(implied), tuple(w_shape)
+    extra = implied[len(w_shape):]
+    return implied[: len(w_shape)] == w_shape and all(d == 1 for d in extra)
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def loader(adapter, key: str):
+    """``device -> tensor`` in float32: PEFT upcasts bf16/fp16 adapter weights to float32 when it loads them."""
+    import torch
+
+    return lambda device: adapter.load(key).to(device=device, dtype=torch.float32)
