@@ -19,15 +19,32 @@ from adaptool.strategies.task_arithmetic import METHODS, base_method
 _BINS = 1 << 15  # top 15 bits of a non-negative float32 (sign bit is 0): exponent and 7 mantissa bits
 
 
+_BLOCK_ELEMS = 1 << 21  # threshold passes run over ~8 MB blocks, in cache
+
+
+def _bucket_of(a: torch.Tensor) -> torch.Tensor:
+    """Top bits of non-negative float32 values: their bit patterns order like the values."""
+    return (a.reshape(-1).view(torch.int32) >> 16)
+
+
 def kth_largest_abs(t: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest ``|t|`` (1 <= k <= numel), exactly, in ~O(n): a radix histogram of the float bits
     narrows it to one bucket, and ``kthvalue`` finishes inside it. ~5x faster than ``kthvalue``/``topk``."""
-    x = t.abs().reshape(-1).to(torch.float32)
-    hi = x.view(torch.int32) >> 16  # non-negative float32 bit patterns order like the values
-    top_down = torch.bincount(hi, minlength=_BINS).flip(0).cumsum(0)
+    return kth_largest_abs_blocks(lambda: [t.abs().to(torch.float32)], k)
+
+
+def kth_largest_abs_blocks(blocks, k: int) -> torch.Tensor:
+    """:func:`kth_largest_abs` over a tensor given as ``blocks()``, an iterable of its ``|values|`` in float32
+    (called twice): a histogram pass, then a pass collecting the one bucket that holds the k-th value."""
+    hist = None
+    for a in blocks():
+        h = torch.bincount(_bucket_of(a), minlength=_BINS)
+        hist = h if hist is None else hist.add_(h)
+    top_down = hist.flip(0).cumsum(0)
     idx = int(torch.searchsorted(top_down, k))
     above = int(top_down[idx - 1]) if idx > 0 else 0
-    bucket = x[hi == (_BINS - 1 - idx)]
+    wanted = _BINS - 1 - idx
+    bucket = torch.cat([a.reshape(-1)[_bucket_of(a) == wanted] for a in blocks()])
     return torch.kthvalue(bucket, bucket.numel() - (k - above) + 1).values
 
 
@@ -56,9 +73,18 @@ class BlockwiseMerge:
             self.sparsify = None  # PEFT: prune() with density >= 1 returns the tensor unchanged
         elif self.sparsify == "magnitude":
             k = int(self.density * n)
-            self.thresholds = [kth_largest_abs(self._delta(i), k) if k else None for i in range(len(Bs))]
+            self.thresholds = [self._threshold(i, k) if k else None for i in range(len(Bs))]
         elif self.sparsify == "random":
             self.masks = [torch.rand(self.shape, generator=g, device=Bs[0].device) < self.density for g in generators]
+
+    def _threshold(self, i: int, k: int) -> torch.Tensor:
+        rows = max(1, _BLOCK_ELEMS // max(1, self.shape[1]))
+
+        def blocks():
+            for start in range(0, self.shape[0], rows):
+                yield self._delta(i, slice(start, start + rows)).abs_()
+
+        return kth_largest_abs_blocks(blocks, k)
 
     def _delta(self, i: int, rows=slice(None), cols=slice(None)) -> torch.Tensor:
         return (self.Bs[i][rows] @ self.As[i][:, cols]).mul_(self.coeffs[i])
