@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except _click_exceptions() as e:
         _handle_click(e)
+    except OSError as e:  # disk full, permissions, a file vanishing mid-run: the user's to fix, not a bug
+        if _state["debug"]:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        typer.echo(f"error: {e.strerror or e}{where}; nothing was written to the output path "
+                   "(free disk space, check permissions, or choose another -o)", err=True)
+        sys.exit(2)
     except Exception as e:  # a bug: say so in one line, keep the traceback behind --debug
         if _state["debug"]:
             raise

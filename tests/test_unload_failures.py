@@ -242,3 +242,34 @@ def test_cli_import_is_light():
     assert res.stdout.strip() == "False", res.stderr
     rc, stdout, _ = run_cli("--help")
     assert rc == 0 and "unload" in stdout and "merge" in stdout
+
+
+def test_unwritable_output_is_one_line(llama_base, lora, tmp_path):
+    import stat
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(parent, os.W_OK):  # root ignores permission bits
+            pytest.skip("running as a user that can write anywhere")
+        rc, stdout, stderr = run_cli("unload", f"{llama_base}+{lora}", "-o", str(parent / "out"))
+        assert_one_line_error(rc, stdout, stderr, "choose")
+    finally:
+        parent.chmod(stat.S_IRWXU)
+
+
+def test_disk_full_midway_is_one_line(llama_base, lora, tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "import errno\n"
+        "from adaptool.io import writer\n"
+        "def full(self, *a):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "writer.ShardWriter.write_part = full\n"
+        "from adaptool.cli import main\n"
+        f"main(['unload', {str(llama_base) + '+' + str(lora)!r}, '-o', {str(out)!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, "No space left on device", "nothing was written")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
