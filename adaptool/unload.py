@@ -13,11 +13,18 @@ SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 SKIP_SIDE_FILES = {"model.safetensors.index.json", "adapter_config.json"}
 
 
-def open_adapter(spec: str):
+def open_adapter(spec: str, base=None):
+    """A PEFT adapter folder, or a kohya/LyCORIS single ``.safetensors`` file, which needs ``base`` (the opened
+    base Checkpoint) to map its flattened module names."""
     from adaptool.io.adapter_folder import AdapterFolder
     from adaptool.io.hub import ADAPTER_PATTERNS, resolve
+    from adaptool.io.kohya import kohya_file, open_kohya
 
-    return AdapterFolder.open(resolve(spec, "adapter", ADAPTER_PATTERNS), source=spec)
+    root = resolve(spec, "adapter", ADAPTER_PATTERNS)
+    single = kohya_file(root)
+    if single is not None:
+        return open_kohya(single, base, spec)
+    return AdapterFolder.open(root, source=spec)
 
 
 def open_base(spec: str):
@@ -31,6 +38,7 @@ def split_sources(spec: str) -> tuple[str | None, list[str]]:
     """``BASE+ADAPTER[+ADAPTER…]`` or ``ADAPTER[+ADAPTER…]`` into (base or None, adapters)."""
     from adaptool.io.adapter_folder import is_adapter_folder
     from adaptool.io.hub import ADAPTER_PATTERNS, resolve
+    from adaptool.io.kohya import kohya_file, looks_kohya
 
     parts = [p.strip() for p in spec.split("+")]
     if any(not p for p in parts):
@@ -38,7 +46,8 @@ def split_sources(spec: str) -> tuple[str | None, list[str]]:
     first = parts[0]
     local = Path(first).expanduser()
     if local.exists():
-        first_is_adapter = is_adapter_folder(local)
+        kohya = kohya_file(local)  # a kohya/LyCORIS file is an adapter; another .safetensors file may be a base
+        first_is_adapter = is_adapter_folder(local) or (kohya is not None and looks_kohya(kohya))
     else:
         try:
             first_is_adapter = is_adapter_folder(resolve(first, "adapter", ADAPTER_PATTERNS))
@@ -67,7 +76,7 @@ def unload(
 
     Args:
         base (str | None): base folder or hub id; None takes the first adapter's ``base_model_name_or_path``.
-        adapters (list[str]): adapter folders or hub ids.
+        adapters (list[str]): adapter folders or hub ids, or kohya/LyCORIS ``.safetensors`` files (these need ``base``).
         output (str | Path): the output folder (created atomically).
         dtype (str | None): output dtype of float tensors. Default: the base's.
         device (str): auto, cpu, cuda or cuda:N.
@@ -87,6 +96,7 @@ def unload(
     from adaptool.io.output_dir import AtomicDir, check_target
     from adaptool.plan import Plan
     from adaptool.provenance import metadata, model_card
+    from adaptool.replication import replicate, replication_ranges, update_config
 
     if not adapters:
         raise AdaptoolError("no adapter given", "write BASE+ADAPTER")
@@ -94,12 +104,17 @@ def unload(
     check_target(target, force)
     out_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    folders = [open_adapter(a) for a in adapters]
+    # The base opens first when given: kohya/LyCORIS files need it to map their module names.
+    checkpoint = open_base(base) if base is not None else None
+    folders = [open_adapter(a, checkpoint) for a in adapters]
     if base is None:
         base = folders[0].config.get("base_model_name_or_path")
         if not base:
             raise AdaptoolError(f"{adapters[0]} names no base_model_name_or_path", "give the base: BASE+ADAPTER")
-    checkpoint = open_base(base)
+        checkpoint = open_base(base)
+    ranges = replication_ranges(folders)
+    if ranges:  # the adapter was trained on an expanded layer stack: fold it into that stack, un-shared
+        checkpoint = replicate(checkpoint, ranges, folders[0].source)
     plan = Plan()
     for folder in folders:
         check_finite(folder)
@@ -114,6 +129,8 @@ def unload(
     with AtomicDir(target, force) as tmp:
         stats = run(checkpoint, plan.edits, tmp, out_dtype, dev, meta, on_progress)
         copy_side_files(checkpoint.root, tmp, dtype_name(out_dtype))
+        if ranges:
+            update_config(tmp / "config.json", checkpoint)
         summary = stats.as_dict()
         (tmp / "README.md").write_text(model_card(target.name, command, base, folders, summary))
     return {"output": str(target), "base": base, "adapters": list(adapters), "device": str(dev), **summary}

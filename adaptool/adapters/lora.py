@@ -24,7 +24,7 @@ OWN_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vect
 
 # Config switches of LoRA variants whose merged weight is not the plain/DoRA formula.
 UNSUPPORTED_VARIANTS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora", "arrow_config",
-                        "kasa_config", "monteclora_config", "target_parameters", "layer_replication")
+                        "kasa_config", "monteclora_config", "target_parameters")
 
 
 @dataclass
@@ -96,9 +96,13 @@ def scaling_for(config: dict, path: str) -> tuple[int, float]:
     return int(r), (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
-def lora_modules(adapter) -> list[LoraModule]:
-    """Every module a LoRA adapter adapts, with its resolved rank and scaling."""
-    _refuse_variants(adapter)
+def lora_modules(adapter, base=None) -> list[LoraModule]:
+    """Every module a LoRA adapter adapts, with its resolved rank and scaling.
+
+    ``base``: the checkpoint the modules will be folded into; a ``layer_replication`` adapter needs the
+    expanded view of it (:func:`adaptool.replication.replicate`), anything else refuses it.
+    """
+    _refuse_variants(adapter, base)
     names = set(adapter.names)
     modules = []
     for name in adapter.names:
@@ -129,12 +133,24 @@ def lora_modules(adapter) -> list[LoraModule]:
     return modules
 
 
-def _refuse_variants(adapter) -> None:
+def _refuse_variants(adapter, base=None) -> None:
     cfg = adapter.config
     for key in UNSUPPORTED_VARIANTS:
         if cfg.get(key):
             raise AdaptoolError(f"{adapter.source}: LoRA variant '{key}' cannot be folded into a base by adaptool yet",
                                 "merge it with PEFT, or train a plain LoRA/DoRA adapter")
+    # Its keys use the expanded layer indices: only the replicated view of the base gives them their meaning.
+    ranges = cfg.get("layer_replication")
+    if ranges and getattr(base, "layer_replication", None) != _as_ranges(ranges):
+        raise AdaptoolError(f"{adapter.source}: a LoRA adapter with layer_replication can only be folded by "
+                            "`adaptool unload BASE+ADAPTER` (alone)", "unload it into its base first")
+
+
+def _as_ranges(ranges):
+    try:
+        return [list(r) for r in ranges]
+    except TypeError:
+        return None
 
 
 def lora_edits(adapter, base) -> list:
@@ -145,7 +161,7 @@ def lora_edits(adapter, base) -> list:
     fifo_default = bool(adapter.config.get("fan_in_fan_out"))
     # Saved base-layer tensors replace the base first (as PEFT loads them), then the deltas apply on top.
     edits = aux_edits(adapter, base, resolve)
-    for m in lora_modules(adapter):
+    for m in lora_modules(adapter, base):
         target = resolve.tensor(m.path, "weight")
         w_shape = base.tensors[target].shape
         fifo = _check_and_layout(adapter, m, w_shape, fifo_default)

@@ -1,0 +1,312 @@
+"""kohya / LyCORIS single-file adapters (one ``.safetensors``), presented as if they were PEFT adapters.
+
+A kohya file names each module by its path in the model with ``.`` flattened to ``_`` after a prefix
+(``lora_unet_``, ``lora_te_``/``lora_te1_``, ``lora_transformer_``, ``lora_`` …)::
+
+    lora_model_layers_0_self_attn_q_proj.lora_down.weight   (r, in)      -> <path>.lora_A.weight
+    lora_model_layers_0_self_attn_q_proj.lora_up.weight     (out, r)     -> <path>.lora_B.weight
+    lora_model_layers_0_self_attn_q_proj.alpha              scalar       -> alpha_pattern[<path>]
+
+LyCORIS LoHa (``hada_w1_a`` …) and LoKr (``lokr_w1`` …) modules keep their tensor names. The flattening is
+lossy (``self_attn`` holds a ``_`` too), so paths are recovered from the base checkpoint: every ``X.weight``
+of the base gives ``X.replace('.', '_') -> X``, and a kohya module must match exactly one of them (also
+trying the base prefixes ``model_``/``transformer_``). An unmatched or ambiguous module is an error, never
+skipped.
+
+Scale: kohya and LyCORIS use ``alpha / r``, with alpha taken as r when the ``.alpha`` tensor is missing or 0.
+LoKr with both factors whole uses scale 1 whatever alpha says (LyCORIS's rule; PEFT would use alpha/r, so
+such modules get r = alpha = 1 here). The synthetic config states every module's r and alpha through
+``rank_pattern``/``alpha_pattern`` keyed by its exact path, so the PEFT families fold it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaptool.errors import AdaptoolError
+from adaptool.io.safetensors_file import TensorInfo, load_tensor, read_header
+
+# Prefixes kohya-style trainers put before the flattened module path, most specific first.
+PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lycoris_", "lora_")
+# Prefixes the base's own tensor names may carry or lack (a bare model vs. its *ForCausalLM wrapper).
+BASE_PREFIXES = ("model_", "transformer_")
+
+ALPHA = ".alpha"
+LORA = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight"}
+LOHA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")
+LOKR = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+FAMILY = {**{s: "LORA" for s in LORA}, **{s: "LOHA" for s in LOHA}, **{s: "LOKR" for s in LOKR}}
+# Known kohya/LyCORIS tensors whose merge adaptool does not implement: suffix -> what it is.
+REFUSED = {
+    ".lora_mid.weight": "a LoCon module with a CP-decomposed conv (lora_mid)",
+    ".dora_scale": "a LyCORIS DoRA module (dora_scale)",
+    ".lokr_t1": "a LoKr module with a CP-decomposed w1 (lokr_t1)",
+    ".diff": "a full-difference module (diff)",
+    ".diff_b": "a full-difference bias (diff_b)",
+    ".w_norm": "a norm module (w_norm)",
+    ".b_norm": "a norm module (b_norm)",
+    ".oft_blocks": "a (B)OFT module (oft_blocks)",
+    ".oft_diag": "a Diag-OFT module (oft_diag)",
+    ".on_input": "an IA3 module (on_input)",
+}
+
+
+@dataclass
+class KohyaAdapter:
+    """One kohya/LyCORIS file in the shape of :class:`~adaptool.io.adapter_folder.AdapterFolder`.
+
+    Attributes:
+        source (str): what the user wrote, for messages and provenance.
+        root (Path): the folder holding the file.
+        config (dict): a synthetic PEFT config (peft_type, per-module rank_pattern/alpha_pattern).
+        weights (Path): the file.
+        infos (dict[str, TensorInfo]): tensors by PEFT-style name (base module path + PEFT suffix).
+        modules (dict[str, str]): kohya module name -> base module path.
+    """
+
+    source: str
+    root: Path
+    config: dict
+    weights: Path
+    infos: dict[str, TensorInfo] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    _sha256: str | None = None
+
+    @property
+    def peft_type(self) -> str:
+        return self.config["peft_type"]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name].shape
+
+    def load(self, name: str):
+        """Read one tensor (as stored)."""
+        return load_tensor(self.infos[name])
+
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            with open(self.weights, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+
+def kohya_file(path: Path) -> Path | None:
+    """The kohya/LyCORIS file ``path`` stands for, or None when it is not one.
+
+    A ``.safetensors`` file is always taken as one (and refused later if its keys are not). A folder
+    counts only when it has no ``adapter_config.json`` and holds exactly one ``.safetensors`` file whose
+    keys look like kohya/LyCORIS keys.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path if path.suffix == ".safetensors" else None
+    if not path.is_dir() or (path / "adapter_config.json").exists():
+        return None
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1 and looks_kohya(found[0]):
+        return found[0]
+    return None
+
+
+def looks_kohya(path: Path) -> bool:
+    """Whether a ``.safetensors`` file has kohya/LyCORIS keys (header only)."""
+    try:
+        infos, _ = read_header(Path(path))
+    except AdaptoolError:
+        return False
+    return any(_split(k)[1] in FAMILY for k in infos)
+
+
+def open_kohya(path: Path, base, source: str | None = None) -> KohyaAdapter:
+    """Read a kohya/LyCORIS file and map its modules onto ``base`` (a :class:`~adaptool.io.checkpoint.Checkpoint`).
+
+    Raises:
+        AdaptoolError: no base given; keys adaptool cannot read; a module that matches no base module or
+            several; a module with missing or malformed tensors; modules of more than one family.
+    """
+    path = Path(path)
+    source = source or str(path)
+    if base is None:
+        raise AdaptoolError(f"{source}: a kohya/LyCORIS file names its modules only by flattened paths, "
+                            "so adaptool needs the base model to map them",
+                            "give the base model first: adaptool unload BASE+ADAPTER")
+    infos, _ = read_header(path)
+    groups = _group(source, infos)
+    families = {fam for _, fam in groups.values()}
+    if len(families) > 1:
+        raise AdaptoolError(f"{source}: mixes {' and '.join(sorted(families))} modules in one file",
+                            "adaptool reads one adapter family per file; split the file by family")
+    family = families.pop()
+    table = _module_table(base)
+    modules: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for kname in groups:
+        target = _map_module(source, kname, table)
+        if target in seen:
+            raise AdaptoolError(f"{source}: modules {seen[target]} and {kname} both map to {target} of the base",
+                                "remove the duplicate module from the file")
+        seen[target], modules[kname] = kname, target
+    config, renamed = _config(source, family, groups, modules, infos)
+    return KohyaAdapter(source, path.parent, config, path, renamed, modules)
+
+
+def _split(key: str) -> tuple[str, str]:
+    """``module.suffix.with.dots`` -> (module, ``.suffix.with.dots``); kohya module names hold no dot."""
+    module, dot, rest = key.partition(".")
+    return module, dot + rest
+
+
+def _group(source: str, infos: dict[str, TensorInfo]) -> dict[str, tuple[dict[str, TensorInfo], str]]:
+    """``{kohya module: ({suffix: info}, family)}`` in file order; refuses keys adaptool cannot read."""
+    if any(".lora_A." in k or ".lora_B." in k for k in infos):
+        raise AdaptoolError(f"{source}: holds PEFT tensors (lora_A/lora_B), not kohya/LyCORIS ones",
+                            "point at the PEFT adapter's folder (with adapter_config.json) instead of its weights file")
+    groups: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in infos.items():
+        module, suffix = _split(key)
+        if suffix in REFUSED:
+            raise AdaptoolError(f"{source}: {key} belongs to {REFUSED[suffix]}, which adaptool cannot fold yet",
+                                "supported in kohya/LyCORIS files: LoRA/LoCon (lora_down/lora_up), LoHa, LoKr")
+        if suffix not in FAMILY and suffix != ALPHA:
+            if not any(_split(k)[1] in FAMILY for k in infos):
+                raise AdaptoolError(f"{source}: no kohya/LyCORIS adapter keys (first key: {key})",
+                                    "give a kohya/LyCORIS file (keys like lora_unet_….lora_down.weight, "
+                                    "….hada_w1_a, ….lokr_w1) or a PEFT adapter folder")
+            raise AdaptoolError(f"{source}: key {key} is not a kohya/LyCORIS tensor adaptool can read",
+                                "remove it from the file, or convert the adapter to PEFT format")
+        groups.setdefault(module, {})[suffix] = info
+    if not any(s in FAMILY for g in groups.values() for s in g):
+        raise AdaptoolError(f"{source}: no kohya/LyCORIS adapter keys", "give a kohya/LyCORIS file or a PEFT adapter folder")
+    out = {}
+    for module, tensors in groups.items():
+        fams = {FAMILY[s] for s in tensors if s in FAMILY}
+        if not fams:
+            raise AdaptoolError(f"{source}: {module}.alpha has no adapter tensors beside it",
+                                "the file is incomplete; re-save it")
+        if len(fams) > 1:
+            raise AdaptoolError(f"{source}: module {module} mixes {' and '.join(sorted(fams))} tensors",
+                                "the file is inconsistent; re-save it")
+        out[module] = (tensors, fams.pop())
+    return out
+
+
+def _module_table(base) -> dict[str, list[str]]:
+    """``flattened path -> [module paths]`` for every ``X.weight`` of the base (several where flattening collides)."""
+    table: dict[str, list[str]] = {}
+    for name in base.tensors:
+        if name.endswith(".weight"):
+            path = name[: -len(".weight")]
+            table.setdefault(path.replace(".", "_"), []).append(path)
+    return table
+
+
+def _map_module(source: str, kname: str, table: dict[str, list[str]]) -> str:
+    """The base module path of kohya module ``kname``: the most specific prefix that yields a match wins;
+    more than one match under it is ambiguous."""
+    for prefix in PREFIXES:
+        if not kname.startswith(prefix):
+            continue
+        flat = kname[len(prefix):]
+        found: list[str] = []
+        for cand in _candidates(flat):
+            for path in table.get(cand, ()):
+                if path not in found:
+                    found.append(path)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AdaptoolError(f"{source}: kohya module {kname} could be any of {', '.join(found)} in the base",
+                                "rename the module in the file, or convert the adapter to PEFT format")
+    raise AdaptoolError(f"{source}: kohya module {kname} matches no module of the base model",
+                        "check that the adapter was made for this base; adaptool maps <prefix><module path with "
+                        "'.' as '_'> (prefixes lora_unet_, lora_te_, lora_transformer_, lora_ …) onto the base's weights")
+
+
+def _candidates(flat: str):
+    yield flat
+    for p in BASE_PREFIXES:
+        yield p + flat
+        if flat.startswith(p):
+            yield flat[len(p):]
+
+
+def _config(source, family, groups, modules, infos) -> tuple[dict, dict[str, TensorInfo]]:
+    """The synthetic PEFT config and the tensors under PEFT names."""
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    renamed: dict[str, TensorInfo] = {}
+    for kname, (tensors, _) in groups.items():
+        path = modules[kname]
+        r, whole = _rank(source, family, kname, tensors)
+        alpha = _alpha(source, kname, tensors.get(ALPHA))
+        if alpha is None or alpha == 0:  # kohya and LyCORIS: no alpha (or 0) means alpha = r, scale 1
+            alpha = r
+        if whole:  # LyCORIS LoKr with both factors whole: scale 1 whatever alpha says
+            r, alpha = 1, 1
+        ranks[path], alphas[path] = r, alpha
+        for suffix, info in tensors.items():
+            if suffix != ALPHA:
+                renamed[path + LORA.get(suffix, suffix)] = info
+    # Patterns are regexes matched at a dot boundary, first match wins: longest paths first, so a module's
+    # own (escaped) path is met before any shorter path that happens to be its dotted suffix.
+    order = sorted(ranks, key=len, reverse=True)
+    rank_pattern = {re.escape(p): ranks[p] for p in order}
+    alpha_pattern = {re.escape(p): alphas[p] for p in order}
+    first = order[0]
+    config = {"peft_type": family, "r": ranks[first], "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "lora_alpha" if family == "LORA" else "alpha": alphas[first], "format": "kohya"}
+    return config, renamed
+
+
+def _rank(source, family, kname, tensors) -> tuple[int, bool]:
+    """(r as kohya/LyCORIS take it, whether a LoKr module has both factors whole)."""
+    shape = lambda s: tensors[s].shape  # noqa: E731
+    if family == "LORA":
+        for s in LORA:
+            if s not in tensors:
+                raise AdaptoolError(f"{source}: {kname} has no {kname}{s}", "the file is incomplete; re-save it")
+        down, up = shape(".lora_down.weight"), shape(".lora_up.weight")
+        if len(down) < 2 or len(up) < 2 or up[1] != down[0]:
+            raise AdaptoolError(f"{source}: {kname} has lora_down {tuple(down)} and lora_up {tuple(up)}, which do not fit",
+                                "the file is inconsistent; re-save it")
+        return down[0], False
+    if family == "LOHA":
+        if ".hada_w1_a" not in tensors:
+            raise AdaptoolError(f"{source}: {kname} has no {kname}.hada_w1_a", "the file is incomplete; re-save it")
+        a = shape(".hada_w1_a")
+        if len(a) != 2:
+            raise AdaptoolError(f"{source}: {kname}.hada_w1_a has shape {tuple(a)}", "the file is inconsistent; re-save it")
+        return (a[0] if ".hada_t1" in tensors else a[1]), False  # CP cores: w1_a is (r, out)
+    if ".lokr_w1_a" in tensors:
+        return shape(".lokr_w1_a")[-1], False
+    if ".lokr_t2" in tensors:
+        return shape(".lokr_t2")[0], False
+    if ".lokr_w2_a" in tensors:
+        return shape(".lokr_w2_a")[-1], False
+    return 1, True
+
+
+def _alpha(source, kname, info: TensorInfo | None) -> float | None:
+    if info is None:
+        return None
+    import torch
+
+    t = load_tensor(info)
+    number = t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8)
+    if t.numel() != 1 or not number:
+        raise AdaptoolError(f"{source}: {kname}.alpha has shape {tuple(t.shape)} and dtype {t.dtype}, not one number",
+                            "the file is inconsistent; re-save it")
+    value = float(t.reshape(-1)[0].item())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise AdaptoolError(f"{source}: {kname}.alpha is {value}", "the adapter is broken; retrain or re-export it")
+    return value
