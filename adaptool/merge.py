@@ -10,6 +10,10 @@ from typing import Callable
 from adaptool.errors import AdaptoolError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: adapter types a merge recipe accepts; a recipe with any but LORA is a mixed merge (see :mod:`adaptool.merge_mixed`)
+MIXABLE = ("LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT")
+#: types whose delta adds to the weight (can be weighted, summed and re-factored into a LoRA)
+ADDITIVE = ("LORA", "LOHA", "LOKR", "ADALORA")
 
 
 @dataclass
@@ -37,6 +41,9 @@ def merge(
     on_progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Run a merge recipe.
+
+    LoRA-only recipes go through the strategies (:mod:`adaptool.combine`); a recipe with LoHa, LoKr, AdaLoRA,
+    IA3 or OFT adapters is a mixed merge (linear only, applied in recipe order; see :mod:`adaptool.merge_mixed`).
 
     Args:
         recipe (str | Path | Recipe): a recipe file or a loaded :class:`~adaptool.recipe.Recipe`.
@@ -67,9 +74,17 @@ def merge(
     folders = [open_adapter(a.path) for a in recipe.adapters]
     weights = [a.weight for a in recipe.adapters]
     for f in folders:
-        if f.peft_type != "LORA":
+        if f.peft_type not in MIXABLE:
             raise AdaptoolError(f"{f.source}: merging {f.peft_type} adapters is not supported yet",
-                                "merge LoRA adapters (incl. rsLoRA/DoRA), or unload this one into the base")
+                                "supported: " + ", ".join(MIXABLE))
+    if any(f.peft_type != "LORA" for f in folders):
+        from adaptool.merge_mixed import check_mixed, merge_mixed
+
+        check_mixed(recipe, folders, weights)
+        for f in folders:
+            check_finite(f)
+        return merge_mixed(recipe, folders, weights, dev, target, dry_run, force, on_start, on_progress, start)
+    for f in folders:
         check_finite(f)
     groups, dora = _group_modules(folders, weights, recipe)
     p = recipe.parameters
@@ -212,7 +227,8 @@ def _plan_text(recipe, folders, plan, notes) -> str:
     mb = 1024 * 1024
     lines = [f"plan: {recipe.strategy} (space: {recipe.space}) -> {recipe.output.kind} at {recipe.output.path}"]
     for a in plan["adapters"]:
-        lines.append(f"  adapter {a['source']}  weight {a['weight']:g}  {a['modules']} modules")
+        kind = f" ({a['type']})" if "type" in a else ""
+        lines.append(f"  adapter {a['source']}{kind}  weight {a['weight']:g}  {a['modules']} modules")
     if recipe.output.kind == "model":
         lines.append(f"  base {recipe.base}")
     lines.append(f"  modules merged: {plan['modules']}; rank in {plan['rank_in']}, rank out "
@@ -323,9 +339,10 @@ def _carried_aux(folders) -> dict:
 
     out, owner = {}, {}
     for f in folders:
+        family_own = _family_own(f)
         for name in f.names:
             own = any(marker in name for marker in OWN_MARKERS) and not name.endswith(TOKENS_SUFFIX)
-            if own:
+            if own or (family_own and name.endswith(family_own)):
                 continue
             if name in owner:
                 raise AdaptoolError(f"{name} is saved by both {owner[name]} and {f.source}",
@@ -333,6 +350,17 @@ def _carried_aux(folders) -> dict:
             owner[name] = f.source
             out["base_model.model." + name] = f.load(name)
     return out
+
+
+def _family_own(folder) -> tuple[str, ...]:
+    """The suffixes of a non-LoRA family's own tensors (LoHa's ``hada_*`` …); () for LoRA."""
+    if folder.peft_type == "LORA":
+        return ()
+    import importlib
+
+    from adaptool.adapters import FAMILIES
+
+    return importlib.import_module(f"adaptool.adapters.{FAMILIES[folder.peft_type][0]}").OWN
 
 
 def _adapter_config(recipe, folders, ranks: dict[str, int], lora_bias: bool) -> dict:

@@ -1,0 +1,425 @@
+"""Merges that mix adapter types (LoRA with LoHa, LoKr, AdaLoRA, IA3, OFT).
+
+Recipes with only LoRA adapters never come here (see :mod:`adaptool.merge`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from adaptool.errors import AdaptoolError
+from adaptool.merge import (ADAPTER_WEIGHTS, ADDITIVE, _adapter_config, _carried_aux, _merged_bias, _output_dtype,
+                            _output_rank, _peak_rss, _plan_text, _prod, _recipe_yaml, _span)
+
+
+
+@dataclass
+class _Slot:
+    """One base weight that the additive adapters of a mixed merge change (``kind: adapter``).
+
+    ``transposed``: the weight is stored as the transpose of LoRA's ``B @ A`` (embeddings, GPT-2 ``Conv1D``).
+    """
+
+    target: str
+    path: str
+    kind: str  # linear | conv | embedding
+    w_shape: tuple
+    transposed: bool
+    lora: list = field(default_factory=list)  # (LoraModule, weight)
+    dense: list = field(default_factory=list)  # (AddDelta in the base layout, weight)
+    a_shape: tuple | None = None  # a LoRA entry's A and B shapes (conv outputs are written like them)
+    b_shape: tuple | None = None
+
+
+def _has_dora(folder) -> bool:
+    from adaptool.adapters.lora import lora_modules
+
+    return folder.peft_type == "LORA" and any(m.magnitude_key for m in lora_modules(folder))
+
+
+def check_mixed(recipe, folders, weights) -> None:
+    """Refuse, in one line each, what a mix of adapter types cannot do (before anything is read)."""
+    other = next(f for f in folders if f.peft_type != "LORA")
+    what = f"{other.source} is a {other.peft_type} adapter"
+    if recipe.space == "factors":
+        raise AdaptoolError(f"space: factors reproduces PEFT's add_weighted_adapter, which combines LoRA adapters only, "
+                            f"but {what}", "use space: delta (the default) to mix adapter types")
+    if recipe.output.kind == "model":
+        if recipe.strategy != "linear":
+            raise AdaptoolError(f"strategy {recipe.strategy} works on LoRA deltas only, but {what}",
+                                "use strategy: linear to mix adapter types, or merge the LoRA adapters on their own first")
+        for f, w in zip(folders, weights):
+            if f.peft_type == "OFT" and w not in (0, 1):
+                raise AdaptoolError(f"{f.source}: an OFT adapter's weight must be 1 (or 0 to leave it out), got {w:g}: "
+                                    "a scaled rotation is no longer a rotation", "set its weight to 1")
+        return
+    if recipe.strategy not in ("linear", "svd"):
+        raise AdaptoolError(f"strategy {recipe.strategy} cannot mix adapter types into a LoRA adapter ({what})",
+                            "use strategy: linear (or svd) with parameters.rank, or output.kind: model")
+    for f in folders:
+        if f.peft_type not in ADDITIVE or _has_dora(f):
+            name = "DoRA" if f.peft_type == "LORA" else f.peft_type
+            how = {"IA3": "scale", "OFT": "rotate"}.get(f.peft_type, "rescale")
+            raise AdaptoolError(f"{f.source}: {name} adapters {how} the base weight, so they cannot be merged into a "
+                                "LoRA adapter", "use output.kind: model to fold the mix into the base")
+    if recipe.parameters.rank is None:
+        raise AdaptoolError(f"mixing adapter types into a LoRA adapter re-factors each module's summed delta by SVD, "
+                            f"which needs a rank ({what})", "set parameters.rank, e.g. 'rank: 16'")
+    if recipe.base is None:
+        raise AdaptoolError(f"mixing adapter types into a LoRA adapter needs the base model for the layer shapes ({what})",
+                            "add 'base: <folder or org/name>' at the top level")
+
+
+def merge_mixed(recipe, folders, weights, dev, target, dry_run, force, on_start, on_progress, start) -> dict:
+    """A recipe that mixes adapter types (``strategy: linear``; ``svd`` too for ``kind: adapter``).
+
+    ``kind: model``: every adapter's edits (the ones ``unload`` applies, :func:`adaptool.adapters.edits_for`)
+    are applied to each base tensor **in recipe order**, float32, rounded once. Replacements
+    (``modules_to_save``, trainable tokens, saved base layers) come first, as in a LoRA-only merge. The weight
+    multiplies what each adapter changes:
+
+    * LoRA, LoHa, LoKr, AdaLoRA (additive): ``W + w·ΔW``; additive deltas commute, so their order only
+      matters relative to the multiplicative ones.
+    * IA3: ``W · (1 + w·(l − 1))``: the change IA3 makes to the weight it meets, times ``w``
+      (``w = 1``: ``W · l``; ``w = 0``: untouched).
+    * OFT: ``w`` must be 1 (``W Rᵀ``) or 0 (left out); a scaled rotation is not a rotation.
+    * DoRA: ``w`` scales the directional update, the magnitude vector applies as it is (as in a LoRA-only
+      merge); its norm is taken against the untouched base weight, as ``unload`` does.
+
+    So ``[LoRA, IA3]`` gives ``(W + ΔW)·l`` and ``[IA3, LoRA]`` gives ``W·l + ΔW``. This is PEFT's
+    ``PeftMixedModel.merge_and_unload``, which merges the adapters of one module in the order they were
+    loaded, each onto the weight the previous ones left; PEFT rounds to the model dtype after every adapter,
+    adaptool once at the end (bit-identical in float32 where the operations agree, within an ulp in bf16).
+
+    ``kind: adapter``: only additive types mix. Per module, the dense ``Σ wᵢ·ΔWᵢ`` (LoRA factor orientation,
+    ``(out, in)``, conv kernels flattened) is re-factored by a truncated SVD at ``parameters.rank`` into one
+    LoRA (scaling 1), and the energy kept is reported. Modules that only LoRA adapters touch take the exact
+    low-rank path of a LoRA-only merge (the same best rank-k).
+    """
+    import time
+
+    from adaptool.unload import open_base
+
+    base = open_base(recipe.base)
+    notes = list(recipe.notes)
+    if recipe.output.kind == "model":
+        plan_edits = _mixed_edits(folders, weights, base)
+        if recipe.parameters.rank is not None:
+            notes.append("parameters.rank has no effect when adapter types are mixed into a model: "
+                         "every delta is folded in whole")
+        plan = _mixed_model_summary(folders, recipe, plan_edits, base)
+    else:
+        slots = _mixed_slots(folders, weights, base)
+        plan = _mixed_adapter_summary(folders, recipe, slots)
+    if dry_run:
+        return {"dry_run": True, "output": str(target), "notes": notes, **plan,
+                "plan_text": _plan_text(recipe, folders, plan, notes)}
+    if recipe.output.kind == "model":
+        summary = _fold_mixed(recipe, folders, plan_edits, dev, base, target, force, on_start, on_progress)
+    else:
+        summary = _write_mixed_adapter(recipe, folders, slots, dev, target, force, on_start, on_progress,
+                                       plan["output_bytes_estimate"])
+    summary["seconds"] = time.perf_counter() - start
+    return {"output": str(target), "strategy": recipe.strategy, "space": recipe.space, "kind": recipe.output.kind,
+            "device": str(dev), "notes": notes, **plan, **summary}
+
+
+def _mixed_edits(folders, weights, base):
+    """The plan of a mixed ``kind: model`` merge: replacements first, then each adapter's weighted edits in
+    recipe order (the plan keeps each tensor's edits in the order they are added)."""
+    from adaptool.adapters import edits_for
+    from adaptool.edits import Replace, ReplaceRows
+    from adaptool.plan import Plan
+
+    replacements, changes = [], []
+    replaced: dict[str, str] = {}
+    for f, w in zip(folders, weights):
+        for e in edits_for(f, base):
+            if isinstance(e, (Replace, ReplaceRows)):
+                if e.target in replaced:
+                    raise AdaptoolError(f"{e.target} is replaced by both {replaced[e.target]} and {f.source}",
+                                        "keep modules_to_save/trainable tokens in one adapter only")
+                replaced[e.target] = f.source
+                replacements.append(e)
+                continue
+            weighted = _weighted_edit(e, w, f)
+            if weighted is not None:
+                changes.append(weighted)
+    plan = Plan()
+    plan.add(replacements)
+    plan.add(changes)
+    return plan
+
+
+def _weighted_edit(e, w: float, folder):
+    """Edit ``e`` of ``folder`` at recipe weight ``w`` (see :func:`_merge_mixed`); None: nothing to do."""
+    import dataclasses
+
+    from adaptool.edits import AddDelta, DoraRescale, Rotate, ScaleRowsCols
+
+    if w == 1:
+        return e
+    if isinstance(e, (AddDelta, DoraRescale)):
+        return dataclasses.replace(e, delta_rows=_scaled_rows(e.delta_rows, w))
+    if isinstance(e, ScaleRowsCols):
+        return dataclasses.replace(e, scale=_interpolated_scale(e.scale, w))
+    if isinstance(e, Rotate) and w == 0:
+        return None
+    raise AdaptoolError(f"{folder.source}: a {type(e).__name__} edit of {e.target} cannot be weighted by {w:g}",
+                        "set this adapter's weight to 1")
+
+
+def _scaled_rows(delta_rows, w: float):
+    def prepare(device):
+        rows = delta_rows(device)
+        return lambda start, stop: rows(start, stop) * w
+
+    return prepare
+
+
+def _interpolated_scale(scale, w: float):
+    """IA3 at weight ``w``: ``1 + w·(l − 1)``, the change ``W·(l − 1)`` scaled by ``w``."""
+
+    def prepare(device):
+        import torch
+
+        return (scale(device).to(torch.float32) - 1.0) * w + 1.0
+
+    return prepare
+
+
+def _adapter_module_counts(folders, edits) -> list[int]:
+    """How many weights each adapter changes (its non-replacement edits of ``…weight`` tensors)."""
+    from adaptool.edits import Replace, ReplaceRows
+
+    counts = {f.source: set() for f in folders}
+    for target, eds in edits.items():
+        for e in eds:
+            if not isinstance(e, (Replace, ReplaceRows)) and target.endswith("weight"):
+                counts.setdefault(e.source, set()).add(target)
+    return [len(counts[f.source]) for f in folders]
+
+
+def _lora_rank_span(folders):
+    from adaptool.adapters.lora import lora_modules
+
+    return _span([m.rank for f in folders if f.peft_type == "LORA" for m in lora_modules(f)])
+
+
+def _mixed_model_summary(folders, recipe, plan_edits, base) -> dict:
+    from adaptool.edits import Replace, ReplaceRows
+
+    counts = _adapter_module_counts(folders, plan_edits.edits)
+    changed = {t for t, eds in plan_edits.edits.items() if any(not isinstance(e, (Replace, ReplaceRows)) for e in eds)}
+    largest = max((_prod(base.tensors[t].shape) for t in plan_edits.edits), default=0)
+    return {
+        "adapters": [{"source": f.source, "type": f.peft_type, "weight": a.weight, "modules": n}
+                     for f, a, n in zip(folders, recipe.adapters, counts)],
+        "modules": len({t for t in changed if t.endswith("weight")}),
+        "rank_in": _lora_rank_span(folders),
+        "rank_out": None,
+        "output_bytes_estimate": base.total_bytes,
+        "working_memory_estimate": largest * 4 * 3,
+    }
+
+
+def _fold_mixed(recipe, folders, plan_edits, dev, base, target, force, on_start, on_progress) -> dict:
+    from adaptool.device import resolve_dtype
+    from adaptool.engine import output_layout, run
+    from adaptool.io.output_dir import AtomicDir
+    from adaptool.provenance import metadata, model_card
+    from adaptool.unload import copy_side_files, dtype_name
+
+    out_dtype = resolve_dtype(recipe.output.dtype)
+    layout = output_layout(base, out_dtype)
+    if on_start:
+        on_start(len(base.tensors), sum(t.nbytes for _, ts in layout for t in ts))
+    meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
+    with AtomicDir(target, force) as tmp:
+        stats = run(base, plan_edits.edits, tmp, out_dtype, dev, meta, on_progress)
+        copy_side_files(base.root, tmp, dtype_name(out_dtype))
+        summary = stats.as_dict()
+        (tmp / "README.md").write_text(model_card(target.name, f"adaptool merge {recipe.source_path or ''}".strip(),
+                                                  recipe.base, folders, summary, recipe_yaml=_recipe_yaml(recipe)))
+    return summary
+
+
+def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
+    """The base weights the additive adapters change, with each adapter's contribution (checked against the base)."""
+    import importlib
+
+    from adaptool.adapters import FAMILIES, edits_for
+    from adaptool.adapters.common import module_keys
+    from adaptool.adapters.lora import _check_and_layout, lora_modules
+    from adaptool.edits import AddDelta
+    from adaptool.plan import TensorResolver
+
+    slots: dict[str, _Slot] = {}
+
+    def slot(folder, target, path, kind, transposed) -> _Slot:
+        w_shape = tuple(base.tensors[target].shape)
+        s = slots.setdefault(target, _Slot(target, path, kind, w_shape, transposed))
+        if (s.kind, s.transposed) != (kind, transposed):
+            raise AdaptoolError(f"{folder.source}: {path} is adapted as a {kind}{' (transposed)' if transposed else ''} "
+                                f"here but as a {s.kind}{' (transposed)' if s.transposed else ''} by another adapter",
+                                "merge adapters trained on the same base model")
+        return s
+
+    for f, w in zip(folders, weights):
+        resolve = TensorResolver(base, f)
+        if f.peft_type == "LORA":
+            fifo_default = bool(f.config.get("fan_in_fan_out"))
+            for m in lora_modules(f):
+                target = resolve.tensor(m.path, "weight")
+                fifo = _check_and_layout(f, m, base.tensors[target].shape, fifo_default)
+                s = slot(f, target, m.path, m.kind, m.kind == "embedding" or fifo)
+                s.lora.append((m, w))
+                s.a_shape, s.b_shape = tuple(f.shape(m.a_key)), tuple(f.shape(m.b_key))
+            continue
+        family = importlib.import_module(f"adaptool.adapters.{FAMILIES[f.peft_type][0]}")
+        paths = {resolve.tensor(path, "weight"): (path, keys) for path, keys in module_keys(f, family.OWN).items()}
+        for e in edits_for(f, base):
+            if not isinstance(e, AddDelta):
+                continue  # modules_to_save copies and the like travel as saved (_carried_aux)
+            path, keys = paths[e.target]
+            w_shape = tuple(base.tensors[e.target].shape)
+            transposed = f.peft_type == "ADALORA" and _adalora_transposed(f, keys, w_shape)
+            slot(f, e.target, path, "conv" if len(w_shape) > 2 else "linear", transposed).dense.append((e, w))
+    return slots
+
+
+def _adalora_transposed(folder, keys, w_shape) -> bool:
+    """Whether AdaLoRA stores this 2-D weight (in, out) (GPT-2 Conv1D), as :mod:`adaptool.adapters.adalora` decides."""
+    from adaptool.adapters.adalora import A, B
+    from adaptool.adapters.common import transposed_layout
+
+    if len(w_shape) != 2:
+        return False
+    a, b = folder.shape(keys[A]), folder.shape(keys[B])
+    return bool(transposed_layout(b[0], a[1], w_shape, bool(folder.config.get("fan_in_fan_out"))))
+
+
+def _slot_io(s: _Slot) -> tuple[int, int]:
+    """(out, in) of the slot's delta in LoRA factor orientation."""
+    if s.transposed:
+        return s.w_shape[1], s.w_shape[0]
+    return s.w_shape[0], _prod(s.w_shape[1:])
+
+
+def _mixed_adapter_summary(folders, recipe, slots) -> dict:
+    counts = [0] * len(folders)
+    index = {id(f): i for i, f in enumerate(folders)}
+    sources = {f.source: i for i, f in enumerate(folders)}
+    for s in slots.values():
+        for m, _ in s.lora:
+            counts[index[id(m.adapter)]] += 1
+        for e, _ in s.dense:
+            counts[sources[e.source]] += 1
+    itemsize = 4 if recipe.output.dtype == "float32" else 2
+    out_bytes, largest, ranks = 0, 0, []
+    for s in slots.values():
+        o, i = _slot_io(s)
+        r = min(recipe.parameters.rank, o, i) if s.dense else _output_rank([m.rank for m, _ in s.lora], recipe.strategy,
+                                                                          _spec(recipe, len(folders)))
+        ranks.append(r)
+        out_bytes += r * (o + i) * itemsize
+        largest = max(largest, o * i)
+    return {
+        "adapters": [{"source": f.source, "type": f.peft_type, "weight": a.weight, "modules": n}
+                     for f, a, n in zip(folders, recipe.adapters, counts)],
+        "modules": len(slots),
+        "rank_in": _lora_rank_span(folders),
+        "rank_out": _span(ranks),
+        "output_bytes_estimate": out_bytes,
+        "working_memory_estimate": largest * 4 * 3,
+    }
+
+
+def _spec(recipe, n_adapters: int):
+    from adaptool.combine import MergeSpec
+
+    p = recipe.parameters
+    return MergeSpec(strategy=recipe.strategy, space=recipe.space, density=p.density,
+                     majority_sign_method=p.majority_sign_method, rank=p.rank, clamp=p.clamp, seed=p.seed,
+                     to_adapter=recipe.output.kind == "adapter", n_adapters=n_adapters)
+
+
+def _slot_factors(s: _Slot, spec, device):
+    """(B, A, energy) of one slot: the exact low-rank path for LoRA-only slots, else an SVD of the dense sum."""
+    import torch
+
+    from adaptool.combine import combine_module, flat
+    from adaptool.strategies import clamp_factors, refactor
+
+    if not s.dense:
+        c = combine_module(s.path, s.lora, spec, device, s.transposed and s.kind != "embedding")
+        return c.B, c.A, (c.energy if c.truncated else None)
+    D = None
+    for m, w in s.lora:
+        b, a = m.factors(device)
+        d = (flat(b) @ flat(a)) * (w * m.scaling)
+        D = d if D is None else D.add_(d)
+    for e, w in s.dense:
+        d = e.delta_rows(device)(0, s.w_shape[0]).reshape(s.w_shape[0], -1)
+        d = (d.T if s.transposed else d) * w
+        D = d if D is None else D.add_(d)
+    if not bool(torch.isfinite(D).all()):
+        raise AdaptoolError(f"merging {s.path} produced NaN or Inf", "check the adapters and weights")
+    B, A, energy = refactor(D, spec.rank)
+    if spec.clamp is not None:
+        B, A = clamp_factors(B, A, spec.clamp)
+    return B, A, energy
+
+
+def _write_mixed_adapter(recipe, folders, slots, dev, target, force, on_start, on_progress, total_bytes) -> dict:
+    from adaptool.io.output_dir import AtomicDir
+    from adaptool.io.safetensors_file import dtype_code
+    from adaptool.io.writer import OutputTensor, ShardWriter
+    from adaptool.provenance import metadata, model_card
+
+    spec = _spec(recipe, len(folders))
+    dtype = _output_dtype(recipe, folders)
+    tensors, ranks, energies = {}, {}, []
+    if on_start:
+        on_start(len(slots), total_bytes)
+    for s in slots.values():
+        B, A, energy = _slot_factors(s, spec, dev)
+        if energy is not None:
+            energies.append((s.path, energy))
+        k = A.shape[0]
+        if s.kind == "conv":
+            a_tail = s.a_shape[1:] if s.a_shape else s.w_shape[1:]
+            b_tail = s.b_shape[2:] if s.b_shape else (1,) * (len(s.w_shape) - 2)
+            A, B = A.reshape(k, *a_tail), B.reshape(B.shape[0], k, *b_tail)
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if s.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        key = "base_model.model." + s.path
+        tensors[f"{key}.{a_name}"] = A.to(dtype).cpu().contiguous()
+        tensors[f"{key}.{b_name}"] = B.to(dtype).cpu().contiguous()
+        bias = _merged_bias(s.lora, dev)
+        if bias is not None:
+            tensors[f"{key}.lora_B.bias"] = bias.to(dtype).cpu()
+        ranks[s.path] = k
+        if on_progress:
+            on_progress(A.numel() * A.element_size() + B.numel() * B.element_size())
+    tensors.update(_carried_aux(folders))
+    config = _adapter_config(recipe, folders, ranks, any(k.endswith("lora_B.bias") for k in tensors))
+    meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
+    names = sorted(tensors)
+    with AtomicDir(target, force) as tmp:
+        writer = ShardWriter(tmp / ADAPTER_WEIGHTS,
+                             [OutputTensor(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in names], meta)
+        for n in names:
+            writer.write_tensor(n, tensors[n])
+        writer.close()
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(target.name, f"adaptool merge {recipe.source_path or ''}".strip(),
+                                                  config["base_model_name_or_path"], folders,
+                                                  recipe_yaml=_recipe_yaml(recipe)))
+    out = {"tensors_written": len(tensors), "bytes_written": sum(t.numel() * t.element_size() for t in tensors.values()),
+           "rank": config["r"], "peak_rss_bytes": _peak_rss()}
+    if energies:
+        out["energy_kept"] = {"mean": sum(e for _, e in energies) / len(energies),
+                              "min": min(e for _, e in energies),
+                              "worst_module": min(energies, key=lambda x: x[1])[0]}
+    return out
