@@ -248,10 +248,6 @@ def _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, 
     import torch
 
     from adaptool.combine import combine_module
-    from adaptool.io.output_dir import AtomicDir
-    from adaptool.io.safetensors_file import dtype_code
-    from adaptool.io.writer import OutputTensor, ShardWriter
-    from adaptool.provenance import metadata, model_card
 
     dtype = _output_dtype(recipe, folders)
     tensors: dict[str, torch.Tensor] = {}
@@ -281,6 +277,16 @@ def _write_adapter(recipe, folders, groups, spec, dev, target, force, on_start, 
         ranks[g.path] = A.shape[0]
         if on_progress:
             on_progress(A.numel() * A.element_size() + B.numel() * B.element_size())
+    return _save_adapter(recipe, folders, tensors, ranks, energies, target, force)
+
+
+def _save_adapter(recipe, folders, tensors: dict, ranks: dict[str, int], energies: list, target, force) -> dict:
+    """Write merged LoRA factors (plus carried modules_to_save/tokens) as a PEFT adapter folder, atomically."""
+    from adaptool.io.output_dir import AtomicDir
+    from adaptool.io.safetensors_file import dtype_code
+    from adaptool.io.writer import OutputTensor, ShardWriter
+    from adaptool.provenance import metadata, model_card
+
     tensors.update(_carried_aux(folders))
     config = _adapter_config(recipe, folders, ranks, any(k.endswith("lora_B.bias") for k in tensors))
     meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})

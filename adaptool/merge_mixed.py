@@ -5,12 +5,11 @@ Recipes with only LoRA adapters never come here (see :mod:`adaptool.merge`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from adaptool.errors import AdaptoolError
-from adaptool.merge import (ADAPTER_WEIGHTS, ADDITIVE, _adapter_config, _carried_aux, _merged_bias, _output_dtype,
-                            _output_rank, _peak_rss, _plan_text, _prod, _recipe_yaml, _span)
+from adaptool.merge import (ADDITIVE, _merged_bias, _output_dtype, _output_rank, _plan_text, _prod, _recipe_yaml,
+                            _save_adapter, _span)
 
 
 
@@ -373,11 +372,6 @@ def _slot_factors(s: _Slot, spec, device):
 
 
 def _write_mixed_adapter(recipe, folders, slots, dev, target, force, on_start, on_progress, total_bytes) -> dict:
-    from adaptool.io.output_dir import AtomicDir
-    from adaptool.io.safetensors_file import dtype_code
-    from adaptool.io.writer import OutputTensor, ShardWriter
-    from adaptool.provenance import metadata, model_card
-
     spec = _spec(recipe, len(folders))
     dtype = _output_dtype(recipe, folders)
     tensors, ranks, energies = {}, {}, []
@@ -402,24 +396,4 @@ def _write_mixed_adapter(recipe, folders, slots, dev, target, force, on_start, o
         ranks[s.path] = k
         if on_progress:
             on_progress(A.numel() * A.element_size() + B.numel() * B.element_size())
-    tensors.update(_carried_aux(folders))
-    config = _adapter_config(recipe, folders, ranks, any(k.endswith("lora_B.bias") for k in tensors))
-    meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
-    names = sorted(tensors)
-    with AtomicDir(target, force) as tmp:
-        writer = ShardWriter(tmp / ADAPTER_WEIGHTS,
-                             [OutputTensor(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in names], meta)
-        for n in names:
-            writer.write_tensor(n, tensors[n])
-        writer.close()
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(target.name, f"adaptool merge {recipe.source_path or ''}".strip(),
-                                                  config["base_model_name_or_path"], folders,
-                                                  recipe_yaml=_recipe_yaml(recipe)))
-    out = {"tensors_written": len(tensors), "bytes_written": sum(t.numel() * t.element_size() for t in tensors.values()),
-           "rank": config["r"], "peak_rss_bytes": _peak_rss()}
-    if energies:
-        out["energy_kept"] = {"mean": sum(e for _, e in energies) / len(energies),
-                              "min": min(e for _, e in energies),
-                              "worst_module": min(energies, key=lambda x: x[1])[0]}
-    return out
+    return _save_adapter(recipe, folders, tensors, ranks, energies, target, force)
