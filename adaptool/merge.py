@@ -422,13 +422,8 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
     import torch
 
     from adaptool.adapters.lora import _check_and_layout, aux_edits
-    from adaptool.device import resolve_dtype
     from adaptool.edits import AddDelta, DoraRescale
-    from adaptool.engine import output_layout, run
-    from adaptool.io.output_dir import AtomicDir
     from adaptool.plan import Plan, TensorResolver
-    from adaptool.provenance import metadata, model_card
-    from adaptool.unload import copy_side_files, dtype_name
 
     plan = Plan()
     replaced: dict[str, str] = {}
@@ -462,22 +457,34 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
         plan.add([DoraRescale(target_name, folder.source, _weighted(m, w, w_shape, fifo),
                               lambda device, folder=folder, key=key: folder.load(key).to(device=device, dtype=torch.float32),
                               layout)])
+    summary = _write_model(recipe, folders, plan.edits, dev, base, target, force, on_start, on_progress)
+    if energies:
+        summary["energy_kept"] = {"mean": sum(e for _, e in energies) / len(energies), "min": min(e for _, e in energies),
+                                  "worst_module": min(energies, key=lambda x: x[1])[0]}
+    return summary
+
+
+
+def _write_model(recipe, folders, edits: dict, dev, base, target, force, on_start, on_progress) -> dict:
+    """Stream ``edits`` into the base like ``unload`` does: atomic folder, side files, model card with the recipe."""
+    from adaptool.device import resolve_dtype
+    from adaptool.engine import output_layout, run
+    from adaptool.io.output_dir import AtomicDir
+    from adaptool.provenance import metadata, model_card
+    from adaptool.unload import copy_side_files, dtype_name
+
     out_dtype = resolve_dtype(recipe.output.dtype)
     layout = output_layout(base, out_dtype)
     if on_start:
         on_start(len(base.tensors), sum(t.nbytes for _, ts in layout for t in ts))
     meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
     with AtomicDir(target, force) as tmp:
-        stats = run(base, plan.edits, tmp, out_dtype, dev, meta, on_progress)
+        stats = run(base, edits, tmp, out_dtype, dev, meta, on_progress)
         copy_side_files(base.root, tmp, dtype_name(out_dtype))
         summary = stats.as_dict()
         (tmp / "README.md").write_text(model_card(target.name, f"adaptool merge {recipe.source_path or ''}".strip(),
                                                   recipe.base, folders, summary, recipe_yaml=_recipe_yaml(recipe)))
-    if energies:
-        summary["energy_kept"] = {"mean": sum(e for _, e in energies) / len(energies), "min": min(e for _, e in energies),
-                                  "worst_module": min(energies, key=lambda x: x[1])[0]}
     return summary
-
 
 def _merged_rows(g: ModuleGroup, spec, fifo, w_shape, energies):
     from adaptool.combine import combine_module, rows_in_base_layout

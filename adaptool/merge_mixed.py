@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adaptool.errors import AdaptoolError
-from adaptool.merge import (ADDITIVE, _merged_bias, _output_dtype, _output_rank, _plan_text, _prod, _recipe_yaml,
-                            _save_adapter, _span)
+from adaptool.merge import (ADDITIVE, _merged_bias, _output_dtype, _output_rank, _plan_text, _prod,
+                            _save_adapter, _span, _write_model)
 
 
 
@@ -224,24 +224,7 @@ def _mixed_model_summary(folders, recipe, plan_edits, base) -> dict:
 
 
 def _fold_mixed(recipe, folders, plan_edits, dev, base, target, force, on_start, on_progress) -> dict:
-    from adaptool.device import resolve_dtype
-    from adaptool.engine import output_layout, run
-    from adaptool.io.output_dir import AtomicDir
-    from adaptool.provenance import metadata, model_card
-    from adaptool.unload import copy_side_files, dtype_name
-
-    out_dtype = resolve_dtype(recipe.output.dtype)
-    layout = output_layout(base, out_dtype)
-    if on_start:
-        on_start(len(base.tensors), sum(t.nbytes for _, ts in layout for t in ts))
-    meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
-    with AtomicDir(target, force) as tmp:
-        stats = run(base, plan_edits.edits, tmp, out_dtype, dev, meta, on_progress)
-        copy_side_files(base.root, tmp, dtype_name(out_dtype))
-        summary = stats.as_dict()
-        (tmp / "README.md").write_text(model_card(target.name, f"adaptool merge {recipe.source_path or ''}".strip(),
-                                                  recipe.base, folders, summary, recipe_yaml=_recipe_yaml(recipe)))
-    return summary
+    return _write_model(recipe, folders, plan_edits.edits, dev, base, target, force, on_start, on_progress)
 
 
 def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
