@@ -103,7 +103,6 @@ _BELONGS_UNDER = {**{k: "parameters" for k in PARAMETER_KEYS}, "kind": "output",
 
 # A hub repo id: one slash between two names, an optional @revision (which may itself hold slashes,
 # e.g. refs/pr/3). No leading ./ or /, no "..".
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w.-]+(/[\w.-]+)*)?", re.ASCII)
 _DEVICE = re.compile(r"cuda:(\d+)")
 # YAML 1.1 (PyYAML) reads 1e-3 and -.5 as strings; YAML 1.2 and people read them as numbers.
 _YAML12_FLOAT = re.compile(r"[-+]?(\.\d+|\d+(\.\d*)?)([eE][-+]?\d+)?")
@@ -310,7 +309,9 @@ def recipe_from_mapping(
 
 def is_hub_id(value: str) -> bool:
     """Whether ``value`` has the shape of a hub repo id, ``org/name`` or ``org/name@revision``."""
-    return bool(_HUB_ID.fullmatch(value)) and ".." not in value
+    from adaptool.io.hub import looks_like_hub_id
+
+    return looks_like_hub_id(value)
 
 
 def resolve_location(value: str, base_dir: str | os.PathLike) -> str:

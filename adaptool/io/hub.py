@@ -11,7 +11,12 @@ from pathlib import Path
 
 from adaptool.errors import AdaptoolError
 
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w.-]+(?:/[\w.-]+)*))?$", re.ASCII)
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """``org/name`` or ``org/name@revision`` in shape (whether or not such a repo exists)."""
+    return bool(HUB_ID.match(value)) and ".." not in value
 
 BASE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja",
                  "*.tiktoken"]
@@ -19,7 +24,7 @@ ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter
 
 
 def is_hub_id(spec: str) -> bool:
-    return bool(HUB_ID.match(spec)) and not Path(spec).exists()
+    return looks_like_hub_id(spec) and not Path(spec).exists()
 
 
 def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = None) -> Path:
