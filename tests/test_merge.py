@@ -301,8 +301,16 @@ def test_example_recipes_run(llama_base, tmp_path):
     for i, name in enumerate(["math", "code", "chat"]):
         make_adapter(root / "base", root / "adapters" / name, seed=10 + i, r=4, lora_alpha=8,
                      target_modules=["q_proj", "v_proj"])
+    from peft import IA3Config, LoHaConfig
+    from test_merge_mixed import make_peft_adapter
+
+    make_peft_adapter(root / "base", root / "adapters" / "style-loha",
+                      LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], init_weights=False))
+    make_peft_adapter(root / "base", root / "adapters" / "tone-ia3",
+                      IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                init_ia3_weights=False))
     files = sorted(root.glob("*.yaml"))
-    assert len(files) >= 12
+    assert len(files) >= 14
     for f in files:
         rc, out, err = run_cli("merge", str(f), "--device", "cpu")
         assert rc == 0, (f.name, err)
