@@ -62,10 +62,6 @@ class Plan:
         for e in edits:
             self.edits[e.target].append(e)
 
-    @property
-    def targets(self) -> set[str]:
-        return set(self.edits)
-
 
 def _tied(config: dict) -> bool:
     text = config.get("text_config") or {}

@@ -57,7 +57,6 @@ class ShardWriter:
         self._next = 0
         self._file = open(self.path, "wb")
         self._file.write(header_bytes(self._expected, metadata))
-        self.bytes_written = 0
 
     def _take(self, name: str, nbytes: int) -> None:
         if self._next >= len(self._expected) or self._expected[self._next].name != name:
@@ -66,7 +65,6 @@ class ShardWriter:
         if self._expected[self._next].nbytes != nbytes:
             raise RuntimeError(f"{name}: {nbytes} bytes, header promised {self._expected[self._next].nbytes}")
         self._next += 1
-        self.bytes_written += nbytes
 
     def write_tensor(self, name: str, tensor) -> None:
         """Append a whole CPU tensor (it must have the dtype and shape promised in the header)."""
@@ -90,13 +88,9 @@ class ShardWriter:
 
             self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-    def copy_tensor(self, name: str, src_handle, start: int, length: int) -> None:
-        """Append bytes copied straight from another file (an unchanged tensor)."""
-        self._take(name, length)
-        self.copy_part(src_handle, start, length)
-
     def copy_part(self, src_handle, start: int, length: int) -> None:
-        """Append ``length`` bytes of another file at ``start``, copied by the kernel (after ``begin_tensor``)."""
+        """Append ``length`` bytes of another file at ``start`` (an unchanged tensor), copied by the kernel,
+        after ``begin_tensor``."""
         copy_range(src_handle, self._file, start, length)
 
     def close(self) -> None:
