@@ -3,18 +3,18 @@
 The public API is imported lazily so that ``adaptool --help`` never pays for torch.
 """
 
-__version__ = "0.1.0"
+from adaptool.version import __version__
 
 __all__ = ["__version__", "unload", "merge", "AdaptoolError"]
 
 
 def __getattr__(name):
     if name == "unload":
-        from adaptool.unload import unload
+        from adaptool.commands.unload import unload
 
         return unload
     if name == "merge":
-        from adaptool.merge import merge
+        from adaptool.commands.merge import merge
 
         return merge
     if name == "AdaptoolError":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from adaptool import __version__
+from adaptool.version import __version__
 
 
 def metadata(command: str, base: str | None, adapters: list, extra: dict | None = None) -> dict[str, str]:

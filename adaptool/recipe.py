@@ -35,6 +35,7 @@ import difflib
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ _BELONGS_UNDER = {**{k: "parameters" for k in PARAMETER_KEYS}, "kind": "output",
 
 # A hub repo id: one slash between two names, an optional @revision (which may itself hold slashes,
 # e.g. refs/pr/3). No leading ./ or /, no "..".
+MAX_RECIPE_BYTES = 1 << 20
 _DEVICE = re.compile(r"cuda:(\d+)")
 # YAML 1.1 (PyYAML) reads 1e-3 and -.5 as strings; YAML 1.2 and people read them as numbers.
 _YAML12_FLOAT = re.compile(r"[-+]?(\.\d+|\d+(\.\d*)?)([eE][-+]?\d+)?")
@@ -256,6 +258,14 @@ def load_recipe(path: str | os.PathLike, output_override: str | None = None) -> 
     shown = os.fspath(path)
     file = Path(os.path.abspath(os.path.expanduser(shown)))
     try:
+        info = file.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise RecipeError(f"recipe '{shown}' is not a regular file", "pass the .yaml file itself")
+        if info.st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file '{shown}' is {info.st_size} bytes; a recipe is a short YAML file",
+                              "pass the recipe, not a data file")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file '{shown}' not found", "check the path") from None

@@ -140,3 +140,49 @@ def run_cli(*args: str, env: dict | None = None) -> tuple[int, str, str]:
     proc = subprocess.run([sys.executable, "-m", "adaptool", *args], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     return proc.returncode, proc.stdout, proc.stderr
+
+
+class Snapshot(dict):
+    """File path -> bytes (a symlink: its target text) under some roots; ``retake()`` reads them again."""
+
+    roots: tuple = ()
+
+    def retake(self) -> "Snapshot":
+        return snapshot(*self.roots)
+
+
+def snapshot(*paths: Path) -> Snapshot:
+    """Every file (and symlink target text) under ``paths``, for asserting that inputs stay byte-identical."""
+    found = Snapshot()
+    found.roots = paths
+    for root in paths:
+        root = Path(root)
+        items = [root] if not root.is_dir() or root.is_symlink() else sorted(root.rglob("*"))
+        for p in items:
+            if p.is_symlink():
+                found[str(p)] = b"->" + os.readlink(p).encode()
+            elif p.is_file():
+                found[str(p)] = p.read_bytes()
+    return found
+
+
+def assert_refused(rc: int, out: str, err: str, target: Path | None = None, before: dict | None = None,
+                   code: int = 2, *needles: str) -> None:
+    """A failure as users must see it: the exit code, at most 3 lines, no traceback, nothing at or beside
+    ``target``, every snapshotted input unchanged."""
+    assert rc == code, (rc, out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    if target is not None:
+        target = Path(target)
+        assert not target.exists() or target.is_symlink(), f"{target} was left behind"
+        if target.parent.exists():
+            stray = [p.name for p in target.parent.iterdir() if ".adaptool-" in p.name]
+            assert not stray, stray
+    if before is not None:
+        after = before.retake()
+        changed = sorted(set(after) ^ set(before) | {k for k in before if after.get(k) != before[k]})
+        assert not changed, f"inputs changed: {changed[:5]}"

@@ -13,7 +13,7 @@ import torch
 from conftest import assert_same_model, load_output, peft_merged, save_model, tiny_llama_config
 
 from adaptool.errors import AdaptoolError
-from adaptool.unload import unload
+from adaptool.commands.unload import unload
 
 ATTN = ["q_proj", "k_proj", "v_proj"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import load_output, make_adapter
 
-from adaptool.unload import unload
+from adaptool.commands.unload import unload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -21,7 +21,7 @@ def test_unload_on_cuda_matches_cpu(llama_base, tmp_path):
 
 
 def test_merge_on_cuda(llama_base, tmp_path):
-    from adaptool.merge import merge
+    from adaptool.commands.merge import merge
 
     a = make_adapter(llama_base, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     b = make_adapter(llama_base, tmp_path / "b", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"])

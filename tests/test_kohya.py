@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_model, load_output, make_adapter, peft_merged, run_cli
 
 from adaptool.errors import AdaptoolError
-from adaptool.unload import split_sources, unload
+from adaptool.commands.unload import split_sources, unload
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEFT_PREFIX = "base_model.model."

@@ -13,7 +13,7 @@ import torch
 from conftest import load_output, make_adapter
 
 from adaptool.errors import AdaptoolError
-from adaptool.unload import unload
+from adaptool.commands.unload import unload
 
 RANGES = [[0, 2], [1, 2]]  # 2 base layers -> [0, 1, 1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_output, make_adapter, run_cli
 
-from adaptool.merge import merge
+from adaptool.commands.merge import merge
 from adaptool.recipe import parse_recipe
 
 
@@ -173,7 +173,7 @@ def test_dora_refused_for_adapter_output(llama_base, tmp_path):
     assert rc == 2 and "DoRA" in err and "kind: model" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
     # into a base, a single DoRA adapter at weight 1 is exactly an unload
-    from adaptool.unload import unload
+    from adaptool.commands.unload import unload
 
     model_recipe = recipe(tmp_path, "base: {base}\nadapters: [{{path: {d}}}]\noutput: {{path: {out}, kind: model}}\n",
                           base=llama_base, d=dora, out=tmp_path / "merged")

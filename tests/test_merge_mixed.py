@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import assert_same_model, load_output, make_adapter, run_cli
 
-from adaptool.merge import merge
+from adaptool.commands.merge import merge
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -258,7 +258,7 @@ def test_three_types_on_one_module_match_peft_mixed_forward(llama_base, mixed, t
 
 def test_weight_one_is_unload_of_the_same_adapters(llama_base, mixed, tmp_path):
     """At weight 1, a mixed merge into the base is `adaptool unload` of the adapters in recipe order, bit for bit."""
-    from adaptool.unload import unload
+    from adaptool.commands.unload import unload
 
     dora = make_adapter(llama_base, tmp_path / "dora", seed=9, r=4, lora_alpha=8, use_dora=True,
                         target_modules=["q_proj", "o_proj"])

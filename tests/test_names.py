@@ -6,7 +6,7 @@ import shutil
 import torch
 from conftest import load_output, make_adapter
 
-from adaptool.unload import unload
+from adaptool.commands.unload import unload
 
 
 def test_gpt2_checkpoint_without_transformer_prefix(gpt2_base, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from conftest import load_output, make_adapter, run_cli
 
 from adaptool.errors import AdaptoolError
-from adaptool.unload import unload
+from adaptool.commands.unload import unload
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_sigkill_leaves_nothing_at_target(llama_base, lora, tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".out.adaptool-tmp-") for p in tmp_path.iterdir()):
+    while time.time() < deadline and not any(p.name.startswith(".adaptool-tmp-") for p in tmp_path.iterdir()):
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_same_model, load_output, make_adapter, peft_merged
 
-from adaptool.unload import unload
+from adaptool.commands.unload import unload
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -123,7 +123,7 @@ def test_base_taken_from_adapter_config(llama_base, tmp_path):
     adapter = make_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(llama_base)
-    from adaptool.unload import split_sources
+    from adaptool.commands.unload import split_sources
 
     base, adapters = split_sources(str(adapter))
     assert base is None and adapters == [str(adapter)]

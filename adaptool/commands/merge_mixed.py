@@ -1,6 +1,6 @@
 """Merges that mix adapter types (LoRA with LoHa, LoKr, AdaLoRA, IA3, OFT).
 
-Recipes with only LoRA adapters never come here (see :mod:`adaptool.merge`).
+Recipes with only LoRA adapters never come here (see :mod:`adaptool.commands.merge`).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adaptool.errors import AdaptoolError
-from adaptool.merge import (ADDITIVE, _merged_bias, _output_dtype, _output_rank, _plan_text, _prod,
+from adaptool.commands.merge import (ADDITIVE, _merged_bias, _output_dtype, _output_rank, _plan_text, _prod,
                             _save_adapter, _span, _write_model)
 
 
@@ -70,7 +70,7 @@ def check_mixed(recipe, folders, weights) -> None:
                             "add 'base: <folder or org/name>' at the top level")
 
 
-def merge_mixed(recipe, folders, weights, dev, target, dry_run, force, on_start, on_progress, start) -> dict:
+def merge_mixed(recipe, folders, weights, base, dev, target, dry_run, force, on_start, on_progress, start) -> dict:
     """A recipe that mixes adapter types (``strategy: linear``; ``svd`` too for ``kind: adapter``).
 
     ``kind: model``: every adapter's edits (the ones ``unload`` applies, :func:`adaptool.adapters.edits_for`)
@@ -98,9 +98,6 @@ def merge_mixed(recipe, folders, weights, dev, target, dry_run, force, on_start,
     """
     import time
 
-    from adaptool.unload import open_base
-
-    base = open_base(recipe.base)
     notes = list(recipe.notes)
     if recipe.output.kind == "model":
         plan_edits = _mixed_edits(folders, weights, base)
@@ -233,7 +230,7 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
 
     from adaptool.adapters import FAMILIES, edits_for
     from adaptool.adapters.common import module_keys
-    from adaptool.adapters.lora import _check_and_layout, lora_modules
+    from adaptool.adapters.lora import layout_in, lora_modules
     from adaptool.edits import AddDelta
     from adaptool.plan import TensorResolver
 
@@ -251,10 +248,9 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
     for f, w in zip(folders, weights):
         resolve = TensorResolver(base, f)
         if f.peft_type == "LORA":
-            fifo_default = bool(f.config.get("fan_in_fan_out"))
             for m in lora_modules(f):
                 target = resolve.tensor(m.path, "weight")
-                fifo = _check_and_layout(f, m, base.tensors[target].shape, fifo_default)
+                fifo = layout_in(f, m, base, base.tensors[target].shape)
                 s = slot(f, target, m.path, m.kind, m.kind == "embedding" or fifo)
                 s.lora.append((m, w))
                 s.a_shape, s.b_shape = tuple(f.shape(m.a_key)), tuple(f.shape(m.b_key))
@@ -266,20 +262,20 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
                 continue  # modules_to_save copies and the like travel as saved (_carried_aux)
             path, keys = paths[e.target]
             w_shape = tuple(base.tensors[e.target].shape)
-            transposed = f.peft_type == "ADALORA" and _adalora_transposed(f, keys, w_shape)
+            transposed = f.peft_type == "ADALORA" and _adalora_transposed(f, keys, w_shape, base)
             slot(f, e.target, path, "conv" if len(w_shape) > 2 else "linear", transposed).dense.append((e, w))
     return slots
 
 
-def _adalora_transposed(folder, keys, w_shape) -> bool:
+def _adalora_transposed(folder, keys, w_shape, base) -> bool:
     """Whether AdaLoRA stores this 2-D weight (in, out) (GPT-2 Conv1D), as :mod:`adaptool.adapters.adalora` decides."""
     from adaptool.adapters.adalora import A, B
-    from adaptool.adapters.common import transposed_layout
+    from adaptool.adapters.common import base_layout, effective_fan_in_fan_out, transposed_layout
 
     if len(w_shape) != 2:
         return False
     a, b = folder.shape(keys[A]), folder.shape(keys[B])
-    return bool(transposed_layout(b[0], a[1], w_shape, bool(folder.config.get("fan_in_fan_out"))))
+    return bool(transposed_layout(b[0], a[1], w_shape, effective_fan_in_fan_out(folder, base), base_layout(base) is False))
 
 
 def _slot_io(s: _Slot) -> tuple[int, int]:

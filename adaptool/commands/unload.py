@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from adaptool.errors import AdaptoolError
-
-SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
-SKIP_SIDE_FILES = {"model.safetensors.index.json", "adapter_config.json"}
 
 
 def open_adapter(spec: str, base=None):
@@ -91,17 +86,18 @@ def unload(
         AdaptoolError: any problem with the inputs, found before anything is written where possible.
     """
     from adaptool.adapters import edits_for
+    from adaptool.adapters.common import collected_notes
     from adaptool.device import resolve_device, resolve_dtype
     from adaptool.engine import output_layout, run
-    from adaptool.io.output_dir import AtomicDir, check_target
+    from adaptool.io.output_dir import AtomicDir, preflight
     from adaptool.plan import Plan
     from adaptool.provenance import metadata, model_card
     from adaptool.replication import replicate, replication_ranges, update_config
 
     if not adapters:
         raise AdaptoolError("no adapter given", "write BASE+ADAPTER")
+    preflight(output, force, [s for s in (base, *adapters) if s and Path(s).expanduser().exists()])
     target = Path(output)
-    check_target(target, force)
     out_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     # The base opens first when given: kohya/LyCORIS files need it to map their module names.
@@ -112,13 +108,15 @@ def unload(
         if not base:
             raise AdaptoolError(f"{adapters[0]} names no base_model_name_or_path", "give the base: BASE+ADAPTER")
         checkpoint = open_base(base)
+    preflight(output, force, [checkpoint.root, *checkpoint.shards, *(f.input_path for f in folders)])
     ranges = replication_ranges(folders)
     if ranges:  # the adapter was trained on an expanded layer stack: fold it into that stack, un-shared
         checkpoint = replicate(checkpoint, ranges, folders[0].source)
     plan = Plan()
-    for folder in folders:
-        check_finite(folder)
-        plan.add(edits_for(folder, checkpoint))
+    with collected_notes() as notes:
+        for folder in folders:
+            check_finite(folder)
+            plan.add(edits_for(folder, checkpoint))
 
     layout = output_layout(checkpoint, out_dtype)
     total_bytes = sum(t.nbytes for _, ts in layout for t in ts)
@@ -133,7 +131,8 @@ def unload(
             update_config(tmp / "config.json", checkpoint)
         summary = stats.as_dict()
         (tmp / "README.md").write_text(model_card(target.name, command, base, folders, summary))
-    return {"output": str(target), "base": base, "adapters": list(adapters), "device": str(dev), **summary}
+    return {"output": str(target), "base": base, "adapters": list(adapters), "device": str(dev), "notes": notes,
+            **summary}
 
 
 def dtype_name(dtype) -> str | None:
@@ -141,19 +140,11 @@ def dtype_name(dtype) -> str | None:
 
 
 def copy_side_files(src: Path, dst: Path, new_dtype: str | None) -> None:
-    """config.json, generation_config.json and tokenizer files travel with the weights."""
-    for pattern in SIDE_FILE_PATTERNS:
-        for f in sorted(src.glob(pattern)):
-            if f.name in SKIP_SIDE_FILES or not f.is_file():
-                continue
-            shutil.copyfile(f, dst / f.name)
-    cfg = dst / "config.json"
-    if new_dtype and cfg.exists():
-        data = json.loads(cfg.read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in data:
-                data[key] = new_dtype
-        cfg.write_text(json.dumps(data, indent=2) + "\n")
+    """config.json, generation_config.json and tokenizer files travel with the weights (regular files inside
+    ``src`` only: see :mod:`adaptool.io.side_files`)."""
+    from adaptool.io.side_files import copy_side_files as copy
+
+    copy(src, dst, new_dtype)
 
 
 def check_finite(folder) -> None:
@@ -162,6 +153,6 @@ def check_finite(folder) -> None:
 
     for name in folder.names:
         t = folder.load(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise AdaptoolError(f"{folder.source}: tensor {name} contains NaN or Inf",
                                 "the adapter is broken; retrain or re-export it")

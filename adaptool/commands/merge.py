@@ -10,7 +10,7 @@ from typing import Callable
 from adaptool.errors import AdaptoolError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: adapter types a merge recipe accepts; a recipe with any but LORA is a mixed merge (see :mod:`adaptool.merge_mixed`)
+#: adapter types a merge recipe accepts; a recipe with any but LORA is a mixed merge (see :mod:`adaptool.commands.merge_mixed`)
 MIXABLE = ("LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT")
 #: types whose delta adds to the weight (can be weighted, summed and re-factored into a LoRA)
 ADDITIVE = ("LORA", "LOHA", "LOKR", "ADALORA")
@@ -43,7 +43,7 @@ def merge(
     """Run a merge recipe.
 
     LoRA-only recipes go through the strategies (:mod:`adaptool.combine`); a recipe with LoHa, LoKr, AdaLoRA,
-    IA3 or OFT adapters is a mixed merge (linear only, applied in recipe order; see :mod:`adaptool.merge_mixed`).
+    IA3 or OFT adapters is a mixed merge (linear only, applied in recipe order; see :mod:`adaptool.commands.merge_mixed`).
 
     Args:
         recipe (str | Path | Recipe): a recipe file or a loaded :class:`~adaptool.recipe.Recipe`.
@@ -56,37 +56,50 @@ def merge(
     Returns:
         dict: a summary (output, modules, ranks, energy kept, seconds, peak memory; the plan for a dry run).
     """
-    import time
-
-    from adaptool.device import resolve_device
-    from adaptool.io.output_dir import check_target
+    from adaptool.adapters.common import collected_notes
     from adaptool.recipe import Recipe, load_recipe
-    from adaptool.strategies import peft_new_rank
-    from adaptool.unload import check_finite, open_adapter
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, None if output is None else str(output))
+    with collected_notes() as adapter_notes:
+        summary = _merge(recipe, device, dry_run, force, on_start, on_progress)
+    summary["notes"] = [*summary.get("notes", []), *adapter_notes]
+    return summary
+
+
+def _merge(recipe, device, dry_run, force, on_start, on_progress) -> dict:
+    import time
+
+    from adaptool.commands.unload import check_finite, open_adapter, open_base
+    from adaptool.device import resolve_device
+    from adaptool.io.output_dir import preflight
+    from adaptool.strategies import peft_new_rank
+
     start = time.perf_counter()
     target = Path(recipe.output.path)
-    if not dry_run:
-        check_target(target, force)
+    local = [p for p in (recipe.source_path, recipe.base, *(a.path for a in recipe.adapters))
+             if p and Path(p).expanduser().exists()]
+    preflight(target, force, local)
     dev = resolve_device(device or recipe.device)
-    folders = [open_adapter(a.path) for a in recipe.adapters]
+    base = open_base(recipe.base) if recipe.base else None
+    folders = [open_adapter(a.path, base) for a in recipe.adapters]
+    preflight(target, force, [*local, *(f.input_path for f in folders),
+                              *([base.root, *base.shards] if base is not None else [])])
     weights = [a.weight for a in recipe.adapters]
     for f in folders:
         if f.peft_type not in MIXABLE:
             raise AdaptoolError(f"{f.source}: merging {f.peft_type} adapters is not supported yet",
                                 "supported: " + ", ".join(MIXABLE))
     if any(f.peft_type != "LORA" for f in folders):
-        from adaptool.merge_mixed import check_mixed, merge_mixed
+        from adaptool.commands.merge_mixed import check_mixed, merge_mixed
 
         check_mixed(recipe, folders, weights)
         for f in folders:
             check_finite(f)
-        return merge_mixed(recipe, folders, weights, dev, target, dry_run, force, on_start, on_progress, start)
+        return merge_mixed(recipe, folders, weights, base, dev, target, dry_run, force, on_start, on_progress, start)
     for f in folders:
         check_finite(f)
-    groups, dora = _group_modules(folders, weights, recipe)
+    groups, dora = _group_modules(folders, weights, recipe, base)
     p = recipe.parameters
     from adaptool.combine import MergeSpec
 
@@ -97,11 +110,11 @@ def merge(
         spec.peft_rank = peft_new_rank([_config_rank(f.config) for f in folders],
                                        _peft_type_for(len(folders), recipe.strategy), p.rank)
     notes = list(recipe.notes)
-    base = None
-    if recipe.output.kind == "model":
-        from adaptool.unload import open_base
+    if base is not None and recipe.output.kind == "adapter":
+        from adaptool.adapters import edits_for
 
-        base = open_base(recipe.base)
+        for f in folders:  # the edits are lazy: building them checks every module against the base
+            edits_for(f, base)
     plan = _plan_summary(recipe, folders, groups, spec, base)
     if dry_run:
         return {"dry_run": True, "output": str(target), "notes": notes, **plan, "plan_text": _plan_text(recipe, folders, plan, notes)}
@@ -127,7 +140,15 @@ def _config_rank(config: dict) -> int:
     return max([int(config.get("r", 8)), *[int(v) for v in pattern.values()]])
 
 
-def _group_modules(folders, weights, recipe) -> tuple[dict[str, ModuleGroup], list]:
+def _fan_in_fan_out(folder, base) -> bool:
+    """The config's fan_in_fan_out, as PEFT applies it to ``base`` when one is given."""
+    from adaptool.adapters.common import effective_fan_in_fan_out
+    from adaptool.adapters.config import config_of
+
+    return effective_fan_in_fan_out(folder, base) if base is not None else config_of(folder).fan_in_fan_out
+
+
+def _group_modules(folders, weights, recipe, base) -> tuple[dict[str, ModuleGroup], list]:
     """Modules by path across adapters, checked for agreement; DoRA modules set aside (they are not additive)."""
     from adaptool.adapters.lora import lora_modules
 
@@ -135,7 +156,7 @@ def _group_modules(folders, weights, recipe) -> tuple[dict[str, ModuleGroup], li
     dora = []
     shapes: dict[str, tuple] = {}
     for i, (folder, w) in enumerate(zip(folders, weights)):
-        fifo = bool(folder.config.get("fan_in_fan_out"))
+        fifo = _fan_in_fan_out(folder, base)
         for m in lora_modules(folder):
             shape = _module_io(folder, m)
             if m.path in shapes and shapes[m.path][:2] != (m.kind, shape):
@@ -421,7 +442,7 @@ def _peak_rss() -> int:
 def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, force, on_start, on_progress) -> dict:
     import torch
 
-    from adaptool.adapters.lora import _check_and_layout, aux_edits
+    from adaptool.adapters.lora import aux_edits, layout_in
     from adaptool.edits import AddDelta, DoraRescale
     from adaptool.plan import Plan, TensorResolver
 
@@ -440,7 +461,7 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
         resolve = TensorResolver(base, first.adapter)
         target_name = resolve.tensor(g.path, "weight")
         w_shape = base.tensors[target_name].shape
-        fifo = _check_and_layout(first.adapter, first, w_shape, bool(first.adapter.config.get("fan_in_fan_out")))
+        fifo = layout_in(first.adapter, first, base, w_shape)
         plan.add([AddDelta(target_name, "the merged adapters", _merged_rows(g, spec, fifo, w_shape, energies),
                            row_wise=g.kind != "conv")])
         biases = [(m, w) for _, m, w in g.entries if m.bias_key]
@@ -451,7 +472,7 @@ def _fold_into_base(recipe, folders, groups, dora, spec, dev, base, target, forc
         resolve = TensorResolver(base, folder)
         target_name = resolve.tensor(m.path, "weight")
         w_shape = base.tensors[target_name].shape
-        fifo = _check_and_layout(folder, m, w_shape, bool(folder.config.get("fan_in_fan_out")))
+        fifo = layout_in(folder, m, base, w_shape)
         layout = "conv" if m.kind == "conv" else "embedding" if m.kind == "embedding" else "fifo" if fifo else "linear"
         key = m.magnitude_key
         plan.add([DoraRescale(target_name, folder.source, _weighted(m, w, w_shape, fifo),
@@ -471,7 +492,7 @@ def _write_model(recipe, folders, edits: dict, dev, base, target, force, on_star
     from adaptool.engine import output_layout, run
     from adaptool.io.output_dir import AtomicDir
     from adaptool.provenance import metadata, model_card
-    from adaptool.unload import copy_side_files, dtype_name
+    from adaptool.commands.unload import copy_side_files, dtype_name
 
     out_dtype = resolve_dtype(recipe.output.dtype)
     layout = output_layout(base, out_dtype)

@@ -1,0 +1,87 @@
+"""The commands: parse arguments, call the Python API, render the summary. No math here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adaptool.version import __version__
+from adaptool.cli.options import AsJson, Device, Dtype, Force, OptionalDevice, OptionalOutput, Output, Quiet
+from adaptool.cli.render import report, run_with_progress
+
+app = typer.Typer(
+    name="adaptool",
+    help="Merge LoRA-family adapters and fold them into base checkpoints: streaming, exact, PEFT-compatible.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"adaptool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    """``--debug`` is read by :func:`adaptool.cli.main.main` before the command runs."""
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool unload ./Llama-3.2-1B+./my-lora -o merged/\n\n"
+    "  adaptool unload meta-llama/Llama-3.2-1B+me/lora-a+me/lora-b -o merged/ --dtype bfloat16\n\n"
+    "  adaptool unload ./my-lora -o merged/      # base from the adapter's base_model_name_or_path"
+)
+def unload(
+    sources: str = typer.Argument(..., metavar="BASE+ADAPTER[+ADAPTER…]",
+                                  help="Base model and adapters (folders or hub ids org/name[@rev]) joined by '+'."),
+    output: Output = ...,
+    dtype: Dtype = None,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """Fold adapters into a base checkpoint and write a plain model (streamed, one tensor at a time)."""
+    from adaptool.commands.unload import split_sources
+    from adaptool.commands.unload import unload as run_unload
+
+    def work(on_start, on_progress):
+        base, adapters = split_sources(sources)
+        return run_unload(base, adapters, output, dtype=dtype, device=device, force=force,
+                          on_start=on_start, on_progress=on_progress)
+
+    report(run_with_progress(work, "Writing", quiet), as_json, quiet)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool merge recipes/ties.yaml\n\n"
+    "  adaptool merge recipe.yaml -o out/merged --device cuda --json\n\n"
+    "  adaptool merge recipe.yaml --dry-run"
+)
+def merge(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see docs/recipes.md)."),
+    output: OptionalOutput = None,
+    device: OptionalDevice = None,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything a real run checks, print the plan, write nothing."),
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """Combine adapters with a strategy from a YAML recipe, into one adapter or into the base."""
+    from adaptool.commands.merge import merge as run_merge
+
+    def work(on_start, on_progress):
+        return run_merge(recipe, output=output, device=device, dry_run=dry_run, force=force,
+                         on_start=on_start, on_progress=on_progress)
+
+    report(run_with_progress(work, "Merging", quiet), as_json, quiet)

@@ -1,0 +1,16 @@
+"""Options every writing command shares, declared once (``Annotated`` aliases)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Output = Annotated[str, typer.Option("-o", "--output", help="Output folder (written atomically).")]
+OptionalOutput = Annotated[Optional[str], typer.Option("-o", "--output", help="Output folder (written atomically).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder, once the new one is complete.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the summary lines.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still print.")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, float16, bfloat16.")]
+Device = Annotated[str, typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
+OptionalDevice = Annotated[Optional[str], typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]

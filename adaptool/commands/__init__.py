@@ -1,0 +1,1 @@
+"""One planner per command; a command never imports another command."""
