@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptool.errors import AdaptoolError
-from adaptool.io.safetensors_file import TensorInfo, load_tensor, read_header
+from adaptool.io.safetensors_file import TensorInfo, load_tensor, open_regular, read_header
 
 # Prefixes kohya-style trainers put before the flattened module path, most specific first.
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lycoris_", "lora_")
@@ -76,6 +76,11 @@ class KohyaAdapter:
     _sha256: str | None = None
 
     @property
+    def input_path(self) -> Path:
+        """What the user gave: the file (the folder around it may hold anything)."""
+        return self.weights
+
+    @property
     def peft_type(self) -> str:
         return self.config["peft_type"]
 
@@ -93,7 +98,7 @@ class KohyaAdapter:
     def sha256(self) -> str:
         if self._sha256 is None:
             h = hashlib.sha256()
-            with open(self.weights, "rb") as f:
+            with open_regular(self.weights) as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     h.update(chunk)
             self._sha256 = h.hexdigest()
@@ -248,6 +253,8 @@ def _config(source, family, groups, modules, infos) -> tuple[dict, dict[str, Ten
     for kname, (tensors, _) in groups.items():
         path = modules[kname]
         r, whole = _rank(source, family, kname, tensors)
+        if r < 1:
+            raise AdaptoolError(f"{source}: {kname} has rank {r}", "the file is inconsistent; re-save it")
         alpha = _alpha(source, kname, tensors.get(ALPHA))
         if alpha is None or alpha == 0:  # kohya and LyCORIS: no alpha (or 0) means alpha = r, scale 1
             alpha = r
@@ -287,12 +294,12 @@ def _rank(source, family, kname, tensors) -> tuple[int, bool]:
         if len(a) != 2:
             raise AdaptoolError(f"{source}: {kname}.hada_w1_a has shape {tuple(a)}", "the file is inconsistent; re-save it")
         return (a[0] if ".hada_t1" in tensors else a[1]), False  # CP cores: w1_a is (r, out)
-    if ".lokr_w1_a" in tensors:
-        return shape(".lokr_w1_a")[-1], False
-    if ".lokr_t2" in tensors:
-        return shape(".lokr_t2")[0], False
-    if ".lokr_w2_a" in tensors:
-        return shape(".lokr_w2_a")[-1], False
+    for suffix, axis in ((".lokr_w1_a", -1), (".lokr_t2", 0), (".lokr_w2_a", -1)):
+        if suffix in tensors:
+            if len(shape(suffix)) < 2:
+                raise AdaptoolError(f"{source}: {kname}{suffix} has shape {tuple(shape(suffix))}",
+                                    "the file is inconsistent; re-save it")
+            return shape(suffix)[axis], False
     return 1, True
 
 
