@@ -23,7 +23,7 @@ import torch
 
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from adaptool.io.safetensors_file import FLOAT_CODES, dtype_code, prefetch, read_block
+from adaptool.io.safetensors_file import FLOAT_CODES, dtype_code, open_regular, prefetch, read_block
 from adaptool.io.writer import OutputTensor, ShardWriter
 
 WRITE_QUEUE = 4
@@ -56,11 +56,15 @@ def peak_rss_bytes() -> int:
 
 
 def output_layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, list[OutputTensor]]]:
-    """Output shard file names with their tensors (base order, the output dtype applied to float tensors)."""
+    """Output shard file names with their tensors (base order, the output dtype applied to float tensors).
+
+    A sharded base keeps its layout: each name is the shard's path relative to the base folder, as its index
+    gives it (``sub/model-00001-of-00002.safetensors`` stays in ``sub/``).
+    """
     code = dtype_code(out_dtype) if out_dtype is not None else None
     shards = []
     for shard in base.shards:
-        name = shard.name if base.sharded else SINGLE_NAME
+        name = base.shard_name(shard) if base.sharded else SINGLE_NAME
         tensors = [
             OutputTensor(t.name, code if (code and t.dtype in FLOAT_CODES) else t.dtype, t.shape)
             for t in base.shard_tensors(shard)
@@ -90,6 +94,7 @@ def run(
         metadata (dict[str, str]): provenance written into every shard's header.
         on_progress (Callable[[int], None] | None): called with the bytes of each tensor written.
     """
+    check_editable(base, edits)
     stats = EngineStats()
     start = time.perf_counter()
     if device.type == "cuda":
@@ -110,7 +115,8 @@ def run(
                     writes.popleft().result()
 
             for (name, tensors), shard in zip(layout, base.shards):
-                src = handles.get(shard) or handles.setdefault(shard, open(shard, "rb"))
+                src = handles.get(shard) or handles.setdefault(shard, open_regular(shard))
+                (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 writer = ShardWriter(out_dir / name, tensors, metadata)
                 try:
                     for i, out in enumerate(tensors):
@@ -180,16 +186,18 @@ def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_rete
         if device.type == "cpu" and raw.dtype == torch.float32:
             raw = raw.clone()  # the float32 "conversion" below would alias the reused read buffer
         if not fns:
-            emit(raw.to(device=device, dtype=torch.float32).to(out_dtype).cpu() if device.type != "cpu" else raw.to(out_dtype))
+            converted = raw.to(device=device, dtype=torch.float32).to(out_dtype) if device.type != "cpu" else raw.to(out_dtype)
+            if converted.is_floating_point() and not _all_finite(converted):
+                _blame_non_finite(info.name, raw, eds, out_dtype)
+            emit(converted.cpu())
             continue
         w0 = raw.to(device=device, dtype=torch.float32)
         w = w0
         for fn in fns:
             w = fn(w, w0, start, stop)
-        # a sum is NaN/Inf whenever an element is (it may also overflow: then look closer)
-        if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
-            _blame_non_finite(info.name, w0, eds)
         rounded = w.to(out_dtype)
+        if not _all_finite(rounded):  # what is written: the rounding itself may overflow (float16)
+            _blame_non_finite(info.name, w0, eds, out_dtype, w)
         if measure_retention and out_dtype != torch.float32 and i % RETENTION_SAMPLE == 0:
             lost2 += float(torch.linalg.vector_norm(rounded.to(torch.float32) - w)) ** 2
             intended2 += float(torch.linalg.vector_norm(w - w0)) ** 2
@@ -204,12 +212,31 @@ def _torch_dtype(code: str):
     return torch_dtype(code)
 
 
-def _blame_non_finite(name: str, w0, eds) -> None:
+def _all_finite(x) -> bool:
+    """No NaN/Inf in ``x``: one float32 sum first (NaN/Inf whenever an element is), the full check only when the
+    sum is not finite (it may overflow on its own)."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
+def _blame_non_finite(name: str, w0, eds, out_dtype, w=None) -> None:
     if not bool(torch.isfinite(w0).all()):
         raise AdaptoolError(f"base tensor {name} contains NaN or Inf", "repair the base checkpoint")
     sources = ", ".join(sorted({e.source for e in eds}))
-    raise AdaptoolError(f"merging into {name} produced NaN or Inf (adapter: {sources})",
-                        "check the adapter for NaN/Inf or overflowing values")
+    if w is not None and not bool(torch.isfinite(w).all()):
+        raise AdaptoolError(f"merging into {name} produced NaN or Inf (adapter: {sources})",
+                            "check the adapter for NaN/Inf or overflowing values")
+    dtype = str(out_dtype).replace("torch.", "")
+    raise AdaptoolError(f"tensor {name} overflows {dtype}: values beyond its range would be written as Inf",
+                        "use --dtype bfloat16 or --dtype float32")
+
+
+def check_editable(base: Checkpoint, edits: dict) -> None:
+    """Refuse edits to tensors stored as float8 or integers (quantised weights), before anything is written."""
+    for name in edits:
+        info = base.tensors.get(name)
+        if info is not None and info.dtype not in FLOAT_CODES:
+            raise AdaptoolError(f"quantised base {base.root}: tensor {name} is stored as {info.dtype}, not supported",
+                                "unload into the unquantised (bf16) base")
 
 
 def _write_index(out_dir: Path, layout, metadata: dict[str, str]) -> None:

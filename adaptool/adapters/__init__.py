@@ -23,11 +23,19 @@ def edits_for(adapter, base):
     """All edits one adapter makes to a base checkpoint (see :mod:`adaptool.edits`)."""
     import importlib
 
-    peft_type = adapter.peft_type
+    from adaptool.adapters.config import config_of
+
+    peft_type = config_of(adapter).peft_type
     if peft_type not in FAMILIES:
         raise AdaptoolError(
             f"{adapter.source}: adapter type {peft_type} is not supported yet",
             "supported: LORA (incl. rsLoRA, DoRA, modules_to_save, trainable tokens), LOHA, LOKR, IA3, ADALORA, OFT",
         )
     module, function = FAMILIES[peft_type]
-    return getattr(importlib.import_module(f"adaptool.adapters.{module}"), function)(adapter, base)
+    edits = getattr(importlib.import_module(f"adaptool.adapters.{module}"), function)(adapter, base)
+    if not edits:
+        # Structurally empty (a module whose factors are zeros still makes edits: it is a valid no-op adapter).
+        what = "holds no tensors" if not adapter.names else f"holds no complete {peft_type} module and no saved module"
+        raise AdaptoolError(f"{adapter.source}: adapter changes nothing: it {what}",
+                            "the adapter is incomplete; re-save it (with PEFT's save_pretrained)")
+    return edits

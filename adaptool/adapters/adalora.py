@@ -13,8 +13,9 @@ weight's dtype on the way (see ``_ranknum``).
 
 from __future__ import annotations
 
-from adaptool.adapters.common import (extra_edits, incomplete, inconsistent, loader, misfit, module_keys, numel,
-                                      refuse_layer, transposed_layout)
+from adaptool.adapters.common import (base_layout, effective_fan_in_fan_out, extra_edits, incomplete, inconsistent,
+                                      loader, misfit, module_keys, numel, refuse_layer, transposed_layout)
+from adaptool.adapters.config import config_of
 from adaptool.edits import AddDelta
 from adaptool.errors import AdaptoolError
 
@@ -28,11 +29,11 @@ def adalora_edits(adapter, base) -> list:
 
     resolve = TensorResolver(base, adapter)
     edits = extra_edits(adapter, base, resolve, OWN)
-    cfg = adapter.config
-    init_r = cfg.get("init_r", 12)
-    alpha = cfg.get("lora_alpha", 8)
+    settings = config_of(adapter)
+    init_r, alpha = settings.init_r, settings.lora_alpha
     masks = _masks(adapter)
-    fifo_default = bool(cfg.get("fan_in_fan_out"))
+    linear_only = base_layout(base) is False
+    fifo_default = effective_fan_in_fan_out(adapter, base)
     for path, keys in module_keys(adapter, OWN).items():
         for suffix in OWN:
             if suffix not in keys:
@@ -45,7 +46,7 @@ def adalora_edits(adapter, base) -> list:
         target = resolve.tensor(path, "weight")
         w_shape = tuple(base.tensors[target].shape)
         if len(w_shape) == 2:
-            fifo = transposed_layout(b[0], a[1], w_shape, fifo_default)
+            fifo = transposed_layout(b[0], a[1], w_shape, fifo_default, linear_only)
             if fifo is None:
                 raise misfit(adapter, path, (b[0], a[1]), w_shape)
         elif len(w_shape) == 4:
@@ -77,9 +78,8 @@ def _ranknum(init_r: int, weight_dtype: str) -> float:
 def _masks(adapter) -> dict[str, list]:
     """``rank_pattern`` by module path. PEFT strips the adapter name from the keys when it saves; a key that
     still carries one (``….lora_E.<name>``) is read the way PEFT's loader reads it."""
-    pattern = adapter.config.get("rank_pattern") or {}
     masks = {}
-    for key, mask in pattern.items():
+    for key, mask in config_of(adapter).rank_masks:
         if key.endswith(E):
             masks[key[: -len(E)]] = mask
         elif E + "." in key:
@@ -96,10 +96,9 @@ def _check_rank(adapter, path: str, k: int, init_r: int, mask) -> None:
             raise AdaptoolError(f"{adapter.source}: {path} has rank {k} on disk but init_r={init_r} and no rank_pattern entry",
                                 "fix init_r/rank_pattern in adapter_config.json")
         return
-    if not isinstance(mask, list) or len(mask) != init_r or sum(bool(m) for m in mask) != k:
-        kept = sum(bool(m) for m in mask) if isinstance(mask, list) else "?"
-        raise AdaptoolError(f"{adapter.source}: {path} has rank {k} on disk but its rank_pattern mask keeps {kept} of "
-                            f"{len(mask) if isinstance(mask, list) else '?'} (init_r={init_r})",
+    if len(mask) != init_r or sum(mask) != k:
+        raise AdaptoolError(f"{adapter.source}: {path} has rank {k} on disk but its rank_pattern mask keeps {sum(mask)} of "
+                            f"{len(mask)} (init_r={init_r})",
                             "fix init_r/rank_pattern in adapter_config.json")
 
 

@@ -4,8 +4,19 @@ names, the tensors they save besides their own (``modules_to_save`` …), and fi
 
 from __future__ import annotations
 
-from adaptool.adapters.patterns import pattern_value
+import warnings
+from contextlib import contextmanager
+
+from adaptool.adapters.config import config_of
 from adaptool.errors import AdaptoolError
+
+# transformers models built from GPT-2's Conv1D (transformers.pytorch_utils.Conv1D), by config.json model_type.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_encoder",
+                                "clvp_decoder"})
+
+
+class AdapterNote(UserWarning):
+    """Something PEFT would have warned about while loading the adapter (the result follows PEFT)."""
 
 
 def module_keys(adapter, suffixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -50,13 +61,9 @@ def lycoris_scaling(adapter, path: str) -> tuple[int, float]:
 
     LyCORIS configs call alpha ``alpha`` (LoRA: ``lora_alpha``); there is no rsLoRA variant.
     """
-    cfg = adapter.config
-    r = pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8))
-    alpha = pattern_value(cfg.get("alpha_pattern"), path, cfg.get("alpha", 8))
-    if not r or r <= 0:
-        raise AdaptoolError(f"{adapter.source}: {path} has r={r} in adapter_config.json",
-                            "r must be a positive integer; fix r/rank_pattern")
-    return int(r), alpha / r
+    settings = config_of(adapter)
+    r, alpha = settings.rank_for(path), settings.alpha_for(path)  # r > 0: the config parser checked it
+    return r, alpha / r
 
 
 def check_rank(adapter, path: str, on_disk: int, configured: int) -> None:
@@ -91,13 +98,16 @@ def refuse_layer(adapter, path: str, family: str, w_shape, supported: str):
                          f"supported: {supported}")
 
 
-def transposed_layout(out_f: int, in_f: int, w_shape, fifo_default: bool) -> bool | None:
+def transposed_layout(out_f: int, in_f: int, w_shape, fifo_default: bool, linear_only: bool = False) -> bool | None:
     """Whether a 2-D base weight is stored (in, out) like GPT-2's ``Conv1D``; None when it fits neither way.
 
     A square weight fits both ways: then the config's ``fan_in_fan_out`` decides, as PEFT set it at injection.
+    ``linear_only``: the base has no Conv1D (:func:`base_layout` is False), so only (out, in) fits.
     """
     w_shape = tuple(w_shape)
     straight, flipped = w_shape == (out_f, in_f), w_shape == (in_f, out_f)
+    if linear_only:
+        return False if straight else None
     if straight and flipped:
         return fifo_default
     if straight or flipped:
@@ -124,3 +134,50 @@ def loader(adapter, key: str):
     import torch
 
     return lambda device: adapter.load(key).to(device=device, dtype=torch.float32)
+
+
+def base_layout(base) -> bool | None:
+    """Whether the base model can hold GPT-2 ``Conv1D`` layers (weights stored (in, out)), by its config.json.
+
+    True: a transformers model type built from Conv1D (``CONV1D_MODEL_TYPES``, also as a sub-config such as
+    ``text_config``). False: a transformers model of another type, whose 2-D weights are all ``nn.Linear``
+    (out, in): PEFT then sets ``fan_in_fan_out`` to False whatever the config says. None: unknown (no
+    config.json or no ``model_type``, or remote code via ``auto_map``): the shapes and the config decide.
+    """
+    cfg = getattr(base, "config", None)
+    if not isinstance(cfg, dict):
+        return None
+    types = {t for t in [cfg.get("model_type"), *(v.get("model_type") for v in cfg.values() if isinstance(v, dict))]
+             if isinstance(t, str)}
+    if types & CONV1D_MODEL_TYPES:
+        return True
+    if not isinstance(cfg.get("model_type"), str) or "auto_map" in cfg:
+        return None
+    return False
+
+
+@contextmanager
+def collected_notes():
+    """Collect the :class:`AdapterNote` warnings raised inside (each once, in order) for a summary's notes."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AdapterNote)
+        yield notes
+    for w in caught:
+        if issubclass(w.category, AdapterNote):
+            if str(w.message) not in notes:
+                notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def effective_fan_in_fan_out(adapter, base) -> bool:
+    """The config's ``fan_in_fan_out`` as PEFT applies it to ``base``: on a model without Conv1D layers PEFT
+    warns and sets it to False (``dispatch_default``); so do we, and say so (an :class:`AdapterNote`)."""
+    fifo = config_of(adapter).fan_in_fan_out
+    if fifo and base_layout(base) is False:
+        warnings.warn(f"{adapter.source}: fan_in_fan_out is true but the base ({base.config.get('model_type')}) has "
+                      "nn.Linear layers, not GPT-2 Conv1D; using fan_in_fan_out=false, as PEFT does", AdapterNote,
+                      stacklevel=3)
+        return False
+    return fifo

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import re
 
-from adaptool.adapters.common import extra_edits, loader, misfit, module_keys, refuse_layer
+from adaptool.adapters.common import (base_layout, effective_fan_in_fan_out, extra_edits, loader, misfit, module_keys,
+                                      refuse_layer)
+from adaptool.adapters.config import config_of
+from adaptool.adapters.patterns import check_name
 from adaptool.edits import ScaleRowsCols
 from adaptool.errors import AdaptoolError
 
@@ -27,14 +30,15 @@ def ia3_edits(adapter, base) -> list:
 
     resolve = TensorResolver(base, adapter)
     edits = extra_edits(adapter, base, resolve, OWN)
-    fifo_default = bool(adapter.config.get("fan_in_fan_out"))
+    linear_only = base_layout(base) is False
+    fifo_default = effective_fan_in_fan_out(adapter, base)
     for path, keys in module_keys(adapter, OWN).items():
         key = keys[L]
         l_shape = tuple(adapter.shape(key))
         target = resolve.tensor(path, "weight")
         w_shape = tuple(base.tensors[target].shape)
         ff = is_feedforward(adapter, path, l_shape)
-        along, shape_for = _orientation(adapter, path, l_shape, w_shape, ff, fifo_default)
+        along, shape_for = _orientation(adapter, path, l_shape, w_shape, ff, fifo_default, linear_only)
         load = loader(adapter, key)
         edits.append(ScaleRowsCols(target, adapter.source, lambda device, load=load, f=shape_for: f(load(device)), along))
         bias = target[: -len("weight")] + "bias"
@@ -46,10 +50,11 @@ def ia3_edits(adapter, base) -> list:
 
 def is_feedforward(adapter, path: str, l_shape) -> bool:
     """PEFT's ``_check_target_module_feedforward``; without the key in the config, the vector's shape decides."""
-    rule = adapter.config.get("feedforward_modules")
+    rule = config_of(adapter).feedforward_modules
     if isinstance(rule, str):
+        check_name(path)
         return re.fullmatch(rule, path) is not None
-    if isinstance(rule, (list, tuple)):
+    if isinstance(rule, tuple):
         return any(path.endswith(t) for t in rule)
     # PEFT fills a missing rule from its per-architecture table when it injects; a Linear vector tells us which.
     if len(l_shape) == 2 and l_shape[0] != l_shape[1]:
@@ -58,8 +63,11 @@ def is_feedforward(adapter, path: str, l_shape) -> bool:
                         "add feedforward_modules (the list the adapter was trained with) to adapter_config.json")
 
 
-def _orientation(adapter, path, l_shape, w_shape, ff: bool, fifo_default: bool):
-    """Which axis of the stored weight the vector scales ("rows"/"cols"), and ``l -> l`` shaped to broadcast."""
+def _orientation(adapter, path, l_shape, w_shape, ff: bool, fifo_default: bool, linear_only: bool = False):
+    """Which axis of the stored weight the vector scales ("rows"/"cols"), and ``l -> l`` shaped to broadcast.
+
+    ``linear_only``: the base has no GPT-2 Conv1D, so a 2-D weight is (out, in) (PEFT: fan_in_fan_out=False).
+    """
     n = 1
     for d in l_shape:
         n *= d
@@ -70,7 +78,7 @@ def _orientation(adapter, path, l_shape, w_shape, ff: bool, fifo_default: bool):
                                 f"{'' if ff else 'not '}feedforward, which needs {expected}",
                                 "fix feedforward_modules in adapter_config.json")
         axis = 1 if ff else 0  # of an (out, in) weight
-        straight, flipped = w_shape[axis] == n, w_shape[1 - axis] == n
+        straight, flipped = w_shape[axis] == n, w_shape[1 - axis] == n and not linear_only
         if not (straight or flipped):
             raise AdaptoolError(f"{adapter.source}: {path} does not fit the base: {path}{L} scales {n} "
                                 f"{'input' if ff else 'output'} features, base weight is {w_shape}",

@@ -70,6 +70,8 @@ def _factor_shapes(adapter, path, keys) -> tuple[tuple, tuple, list[int]]:
         w2, ranks = (a[0], b[1]), ranks + [a[1]]
     if len(w1) != 2:
         raise inconsistent(adapter, path, w1)
+    if not 2 <= len(w2) <= 4:
+        raise inconsistent(adapter, path, w1, w2)
     return w1, w2, ranks
 
 

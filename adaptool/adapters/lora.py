@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from adaptool.adapters.patterns import pattern_value
+from adaptool.adapters.common import base_layout, effective_fan_in_fan_out, numel
+from adaptool.adapters.config import LORA_VARIANTS, AdapterConfig, config_of
 from adaptool.edits import AddDelta, DoraRescale, Replace, ReplaceRows
 from adaptool.errors import AdaptoolError
 
@@ -23,8 +24,7 @@ BASE_LAYER = ".base_layer."
 OWN_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector", TOKENS_SUFFIX)
 
 # Config switches of LoRA variants whose merged weight is not the plain/DoRA formula.
-UNSUPPORTED_VARIANTS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora", "arrow_config",
-                        "kasa_config", "monteclora_config", "target_parameters")
+UNSUPPORTED_VARIANTS = LORA_VARIANTS
 
 
 @dataclass
@@ -87,13 +87,10 @@ def _conv_delta(b, a, weight_shape):
     return conv(a.transpose(0, 1), b).transpose(0, 1)
 
 
-def scaling_for(config: dict, path: str) -> tuple[int, float]:
-    """(r, scaling) of module ``path`` under PEFT's first-match pattern rule."""
-    r = pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
-    alpha = pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
-    if not r:
-        return 0, 0.0
-    return int(r), (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+def scaling_for(settings: AdapterConfig, path: str) -> tuple[int, float]:
+    """(r, scaling) of module ``path`` under PEFT's first-match pattern rule (r is positive: the config says so)."""
+    r, alpha = settings.rank_for(path), settings.alpha_for(path)
+    return r, (alpha / math.sqrt(r) if settings.use_rslora else alpha / r)
 
 
 def lora_modules(adapter, base=None) -> list[LoraModule]:
@@ -102,9 +99,10 @@ def lora_modules(adapter, base=None) -> list[LoraModule]:
     ``base``: the checkpoint the modules will be folded into; a ``layer_replication`` adapter needs the
     expanded view of it (:func:`adaptool.replication.replicate`), anything else refuses it.
     """
-    _refuse_variants(adapter, base)
+    settings = config_of(adapter)
+    _refuse_variants(adapter, settings, base)
     names = set(adapter.names)
-    modules = []
+    modules, used = [], set()
     for name in adapter.names:
         if name.endswith(A_SUFFIX):
             path, kind, b_key = name[: -len(A_SUFFIX)], "linear", name[: -len(A_SUFFIX)] + B_SUFFIX
@@ -114,10 +112,11 @@ def lora_modules(adapter, base=None) -> list[LoraModule]:
             continue
         if b_key not in names:
             raise AdaptoolError(f"{adapter.source}: {name} has no matching {b_key}", "the adapter file is incomplete; re-save it")
-        a_shape = adapter.shape(name)
+        a_shape, b_shape = tuple(adapter.shape(name)), tuple(adapter.shape(b_key))
+        _check_factor_shapes(adapter, path, kind, name, a_shape, b_key, b_shape)
         if kind == "linear" and len(a_shape) > 2:
             kind = "conv"
-        r, scaling = scaling_for(adapter.config, path)
+        r, scaling = scaling_for(settings, path)
         rank_on_disk = a_shape[0]
         if r != rank_on_disk:
             raise AdaptoolError(
@@ -125,32 +124,48 @@ def lora_modules(adapter, base=None) -> list[LoraModule]:
                 "fix r/rank_pattern in adapter_config.json",
             )
         mag = next((path + s for s in MAG_SUFFIXES if path + s in names), None)
-        if adapter.config.get("use_dora") and mag is None:
+        if settings.use_dora and mag is None:
             raise AdaptoolError(f"{adapter.source}: use_dora is set but {path} has no lora_magnitude_vector",
                                 "the adapter file is incomplete; re-save it")
         bias = path + BIAS_SUFFIX if path + BIAS_SUFFIX in names else None
+        used.update(k for k in (name, b_key, mag, bias) if k)
         modules.append(LoraModule(adapter, path, kind, name, b_key, r, scaling, bias, mag))
+    _refuse_strays(adapter, used)
     return modules
 
 
-def _refuse_variants(adapter, base=None) -> None:
-    cfg = adapter.config
-    for key in UNSUPPORTED_VARIANTS:
-        if cfg.get(key):
-            raise AdaptoolError(f"{adapter.source}: LoRA variant '{key}' cannot be folded into a base by adaptool yet",
-                                "merge it with PEFT, or train a plain LoRA/DoRA adapter")
+def _check_factor_shapes(adapter, path, kind, a_key, a_shape, b_key, b_shape) -> None:
+    """A (r, in[, k…]) and B (out, r[, 1…]) as PEFT saves them; embeddings (r, num) and (dim, r)."""
+    ndim_ok = len(a_shape) == len(b_shape) and (len(a_shape) == 2 if kind == "embedding" else 2 <= len(a_shape) <= 5)
+    if not ndim_ok or b_shape[1] != a_shape[0] or any(d != 1 for d in b_shape[2:]):
+        raise AdaptoolError(f"{adapter.source}: {path} has {a_key} {a_shape} and {b_key} {b_shape}, which do not fit "
+                            "together", "the adapter file is inconsistent; re-save it")
+
+
+def _refuse_strays(adapter, used: set) -> None:
+    """A LoRA tensor that belongs to no complete module (a lora_B without its lora_A, a magnitude vector or
+    lora bias of no module, a name PEFT would not load) is an incomplete adapter, never silently dropped."""
+    for name in adapter.names:
+        if name in used or name.endswith(TOKENS_SUFFIX) or not any(m in name for m in OWN_MARKERS):
+            continue
+        for own in (B_SUFFIX, EMB_B_SUFFIX, BIAS_SUFFIX, *MAG_SUFFIXES):
+            if name.endswith(own):
+                a_key = name[: -len(own)] + (EMB_A_SUFFIX if own == EMB_B_SUFFIX else A_SUFFIX)
+                raise AdaptoolError(f"{adapter.source}: {name} has no matching {a_key}",
+                                    "the adapter file is incomplete; re-save it")
+        raise AdaptoolError(f"{adapter.source}: {name} is no tensor of a LoRA module (PEFT would not load it)",
+                            "re-save the adapter with PEFT's save_pretrained")
+
+
+def _refuse_variants(adapter, settings: AdapterConfig, base=None) -> None:
+    for key in settings.variants:
+        raise AdaptoolError(f"{adapter.source}: LoRA variant '{key}' cannot be folded into a base by adaptool yet",
+                            "merge it with PEFT, or train a plain LoRA/DoRA adapter")
     # Its keys use the expanded layer indices: only the replicated view of the base gives them their meaning.
-    ranges = cfg.get("layer_replication")
-    if ranges and getattr(base, "layer_replication", None) != _as_ranges(ranges):
+    ranges = settings.layer_replication
+    if ranges and getattr(base, "layer_replication", None) != [list(r) for r in ranges]:
         raise AdaptoolError(f"{adapter.source}: a LoRA adapter with layer_replication can only be folded by "
                             "`adaptool unload BASE+ADAPTER` (alone)", "unload it into its base first")
-
-
-def _as_ranges(ranges):
-    try:
-        return [list(r) for r in ranges]
-    except TypeError:
-        return None
 
 
 def lora_edits(adapter, base) -> list:
@@ -158,18 +173,37 @@ def lora_edits(adapter, base) -> list:
     from adaptool.plan import TensorResolver
 
     resolve = TensorResolver(base, adapter)
-    fifo_default = bool(adapter.config.get("fan_in_fan_out"))
+    linear_only = base_layout(base) is False
+    fifo_default = effective_fan_in_fan_out(adapter, base)
     # Saved base-layer tensors replace the base first (as PEFT loads them), then the deltas apply on top.
     edits = aux_edits(adapter, base, resolve)
     for m in lora_modules(adapter, base):
         target = resolve.tensor(m.path, "weight")
         w_shape = base.tensors[target].shape
-        fifo = _check_and_layout(adapter, m, w_shape, fifo_default)
+        fifo = _check_and_layout(adapter, m, w_shape, fifo_default, linear_only=linear_only)
+        if m.magnitude_key:
+            _check_magnitude(adapter, m, w_shape, fifo)
         edits.append(_module_edit(adapter, m, target, w_shape, fifo, base.tensors[target].dtype))
         if m.bias_key:
             bias = resolve.tensor(m.path, "bias", why="lora_bias=True needs a bias in the base layer")
+            b_shape, bias_shape = tuple(adapter.shape(m.bias_key)), tuple(base.tensors[bias].shape)
+            if b_shape != bias_shape:
+                raise AdaptoolError(f"{adapter.source}: {m.bias_key} has shape {b_shape}, base {bias} has {bias_shape}",
+                                    "the adapter file is inconsistent; re-save it")
             edits.append(AddDelta(bias, adapter.source, _bias_delta(adapter, m.bias_key, m.scaling), row_wise=False))
     return edits
+
+
+def _check_magnitude(adapter, m: LoraModule, w_shape, fifo: bool) -> None:
+    """DoRA's magnitude holds one number per output feature: (out,) for Linear, (1, out, 1, 1) for a conv."""
+    w_shape = tuple(w_shape)
+    features = w_shape[1] if (fifo or m.kind == "embedding") else w_shape[0]
+    shape = tuple(adapter.shape(m.magnitude_key))
+    ok = shape == (features,) if m.kind == "linear" and not fifo else (
+        numel(shape) == features and sum(d != 1 for d in shape) <= 1)
+    if not ok:
+        raise AdaptoolError(f"{adapter.source}: {m.magnitude_key} has shape {shape}, but {m.path} has {features} "
+                            "output features", "the adapter file is inconsistent; re-save it")
 
 
 def _module_edit(adapter, m: LoraModule, target, w_shape, fifo, base_dtype):
@@ -194,8 +228,19 @@ def _bias_delta(adapter, key, scaling):
     return rows
 
 
-def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool) -> bool:
-    """Check A/B against the base weight; return whether the weight is stored (in, out) (GPT-2 Conv1D)."""
+def layout_in(adapter, m: LoraModule, base, w_shape) -> bool:
+    """Check A/B against ``base``'s weight of shape ``w_shape``; return whether it is stored (in, out) (GPT-2
+    Conv1D), with ``fan_in_fan_out`` as PEFT applies it to this base."""
+    return _check_and_layout(adapter, m, w_shape, effective_fan_in_fan_out(adapter, base),
+                             linear_only=base_layout(base) is False)
+
+
+def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool, linear_only: bool = False) -> bool:
+    """Check A/B against the base weight; return whether the weight is stored (in, out) (GPT-2 Conv1D).
+
+    ``linear_only``: the base is a model whose 2-D weights are all ``nn.Linear`` (see
+    :func:`adaptool.adapters.common.base_layout`), so no weight is stored (in, out) whatever the config says.
+    """
     a_shape, b_shape = adapter.shape(m.a_key), adapter.shape(m.b_key)
     if m.kind == "embedding":
         expected = (a_shape[1], b_shape[0])
@@ -206,7 +251,7 @@ def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool) -> bo
     else:
         out_f, in_f = b_shape[0], a_shape[1]
         expected = (out_f, in_f)
-        if tuple(w_shape) == (in_f, out_f) and (out_f != in_f or fifo_default):
+        if not linear_only and tuple(w_shape) == (in_f, out_f) and (out_f != in_f or fifo_default):
             return True
         fifo = False
     if tuple(w_shape) != tuple(expected) or (m.kind != "conv" and b_shape[1] != a_shape[0]):
@@ -225,10 +270,12 @@ def aux_edits(adapter, base, resolve) -> list:
             path = name[: -len(TOKENS_SUFFIX)]
             target = resolve.tensor(path, "weight")
             indices = _token_indices(adapter, path)
-            rows_shape = adapter.shape(name)
-            w_shape = base.tensors[target].shape
-            if len(indices) != rows_shape[0] or rows_shape[1:] != tuple(w_shape[1:]) or max(indices, default=0) >= w_shape[0]:
-                raise AdaptoolError(f"{adapter.source}: trainable tokens of {path} do not fit the base {tuple(w_shape)}",
+            rows_shape = tuple(adapter.shape(name))
+            w_shape = tuple(base.tensors[target].shape)
+            if (not rows_shape or len(rows_shape) != len(w_shape) or len(indices) != rows_shape[0]
+                    or rows_shape[1:] != w_shape[1:] or max(indices, default=0) >= w_shape[0]):
+                raise AdaptoolError(f"{adapter.source}: trainable tokens of {path} ({name} {rows_shape}, "
+                                    f"{len(indices)} indices) do not fit the base {w_shape}",
                                     "check trainable_token_indices and the base model")
             edits.append(ReplaceRows(target, adapter.source, _loader(adapter, name), indices))
             continue
@@ -252,12 +299,8 @@ def _loader(adapter, key):
 
 
 def _token_indices(adapter, path: str) -> list[int]:
-    spec = adapter.config.get("trainable_token_indices")
-    if isinstance(spec, list):
-        return [int(i) for i in spec]
-    if isinstance(spec, dict):
-        for suffix, idx in spec.items():
-            if path == suffix or path.endswith("." + suffix):
-                return [int(i) for i in idx]
+    indices = config_of(adapter).token_indices(path)
+    if indices is not None:
+        return list(indices)
     raise AdaptoolError(f"{adapter.source}: trainable tokens saved for {path} but trainable_token_indices does not name it",
                         "fix trainable_token_indices in adapter_config.json")

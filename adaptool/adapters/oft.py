@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from adaptool.adapters.common import extra_edits, inconsistent, loader, module_keys, refuse_layer
+from adaptool.adapters.config import AdapterConfig, config_of
 from adaptool.edits import Rotate
 from adaptool.errors import AdaptoolError
 
@@ -28,14 +29,13 @@ def oft_edits(adapter, base) -> list:
     """Edits of an OFT adapter against checkpoint ``base`` (names resolved, shapes checked)."""
     from adaptool.plan import TensorResolver
 
-    cfg = adapter.config
-    if "oft_block_size" not in cfg:
+    settings = config_of(adapter)
+    if settings.oft_block_size is None:
         # PEFT refuses these too: OFT's parametrisation changed in 0.14.0.
         raise AdaptoolError(f"{adapter.source}: an OFT adapter from before PEFT 0.14 (no oft_block_size in its config)",
                             "retrain it with PEFT >= 0.14, or merge it with PEFT 0.13")
     resolve = TensorResolver(base, adapter)
     edits = extra_edits(adapter, base, resolve, OWN)
-    settings = _Settings.of(cfg)
     for path, keys in module_keys(adapter, OWN).items():
         if len(keys) != 1:
             raise AdaptoolError(f"{adapter.source}: {path} has both {R_LINEAR[1:]} and {R_EMBEDDING[1:]}",
@@ -60,18 +60,6 @@ def oft_edits(adapter, base) -> list:
     return edits
 
 
-class _Settings:
-    """The config switches that change the rotation (checked once per adapter)."""
-
-    def __init__(self, neumann: bool, terms: int, block_share: bool, coft: bool, eps: float):
-        self.neumann, self.terms, self.block_share, self.coft, self.eps = neumann, terms, block_share, coft, eps
-
-    @classmethod
-    def of(cls, cfg: dict) -> "_Settings":
-        return cls(bool(cfg.get("use_cayley_neumann", True)), int(cfg.get("num_cayley_neumann_terms", 5)),
-                   bool(cfg.get("block_share", False)), bool(cfg.get("coft", False)), float(cfg.get("eps", 6e-5)))
-
-
 def _rotated_features(adapter, path, w_shape, embedding: bool) -> int:
     """How many features R turns: in (Linear), embedding_dim (Embedding), in·k·k (Conv2d, square kernels)."""
     if len(w_shape) == 2:
@@ -94,7 +82,7 @@ def _block_size(adapter, path, n_elements: int) -> int:
     return b
 
 
-def _blocks(load, b: int, n_blocks: int, s: _Settings):
+def _blocks(load, b: int, n_blocks: int, s: AdapterConfig):
     """``device -> (n_blocks, b, b)`` rotation blocks, computed as ``OFTRotationModule.get_weight`` does."""
     import torch
 
@@ -103,7 +91,7 @@ def _blocks(load, b: int, n_blocks: int, s: _Settings):
         rows, cols = torch.triu_indices(b, b, 1, device=device)
         if s.coft:
             vec = _project(vec, b, rows, cols, s.eps)
-        r = _cayley(_skew(vec, b, rows, cols), b, s.neumann, s.terms)
+        r = _cayley(_skew(vec, b, rows, cols), b, s.use_cayley_neumann, s.num_cayley_neumann_terms)
         # PEFT's _block_diagonal: a shared block (one saved row) repeats; otherwise block i is row i.
         return r[:1].expand(n_blocks, b, b) if r.shape[0] == 1 else r[:n_blocks]
 
