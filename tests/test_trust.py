@@ -308,3 +308,18 @@ def test_recipe_that_is_a_fifo_or_huge_is_refused_without_reading(tmp_path):
     big.write_bytes(b"a" * (2 << 20))
     rc, out, err = run_cli("merge", str(big))
     assert_refused(rc, out, err, None, None, 2, "short YAML")
+
+
+def test_merge_to_adapter_checks_shapes_against_the_named_base(inputs, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from conftest import save_model, tiny_llama_config
+
+    other = save_model(AutoModelForCausalLM.from_config(tiny_llama_config(hidden_size=32, intermediate_size=64)),
+                       tmp_path / "other", shard=None)
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "merged"
+    recipe.write_text(f"base: {other}\nadapters:\n  - path: {inputs[2]}\nstrategy: linear\n"
+                      f"output:\n  path: {out}\n  kind: adapter\n")
+    for extra in ([], ["--dry-run"]):
+        rc, stdout, err = run_cli("merge", str(recipe), *extra)
+        assert_refused(rc, stdout, err, out, None, 2, "does not fit the base")
