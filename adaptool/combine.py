@@ -128,3 +128,31 @@ def rows_in_base_layout(c: Combined, kind: str, fifo: bool, weight_shape: tuple[
     if transposed:
         return (lambda start, stop: (B @ A[:, start:stop]).T), True
     return (lambda start, stop: B[start:stop] @ A), True
+
+
+class MergedRows:
+    """``device -> (start, stop) -> rows of the merged ΔW`` of one module in the base weight's layout, for
+    :class:`~adaptool.edits.AddDelta`; once called, ``energy_kept`` is (module, share of energy its rank cut
+    kept), or None when nothing was cut."""
+
+    def __init__(self, path: str, entries: list, spec: MergeSpec, kind: str, fifo: bool, weight_shape: tuple[int, ...]):
+        self.path, self.entries, self.spec = path, entries, spec
+        self.kind, self.fifo, self.weight_shape = kind, fifo, weight_shape
+        self.energy_kept: tuple[str, float] | None = None
+
+    def __call__(self, device):
+        c = combine_module(self.path, self.entries, self.spec, device, self.fifo)
+        if c.truncated:
+            self.energy_kept = (self.path, c.energy)
+        rows, _ = rows_in_base_layout(c, self.kind, self.fifo, self.weight_shape)
+        return rows
+
+
+def merged_bias(entries: list, device) -> torch.Tensor | None:
+    """``lora_bias`` adapters' bias deltas add linearly: Σ w·s·bias (out,), float32; None when none has one."""
+    total = None
+    for m, w in entries:
+        if m.bias_key:
+            b = m.adapter.load(m.bias_key).to(device=device, dtype=torch.float32) * (w * m.scaling)
+            total = b if total is None else total + b
+    return total

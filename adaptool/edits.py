@@ -27,6 +27,11 @@ class AddDelta:
     row_wise: bool = True
     round_delta_to: torch.dtype | None = None  # PEFT rounds embedding deltas to the weight dtype before adding
 
+    @property
+    def energy_kept(self) -> tuple[str, float] | None:
+        """(module, share of energy kept) when Δ came out of a rank cut (a merge), once prepared."""
+        return getattr(self.delta_rows, "energy_kept", None)
+
     def prepare(self, device) -> RowFn:
         delta = self.delta_rows(device)
         round_to = self.round_delta_to
@@ -156,3 +161,7 @@ class Rotate:
             return out.reshape(w.shape)
 
         return fn
+
+
+# What a family's ``*_edits`` returns: a list of these, applied per tensor in order.
+Edit = AddDelta | DoraRescale | Replace | ReplaceRows | ScaleRowsCols | Rotate

@@ -1,15 +1,15 @@
-"""The streaming engine: base tensors in, edited tensors out, one at a time.
+"""The engine: runs any :class:`~adaptool.plan.Plan` into a folder, and is the only code that knows about
+devices, threads, memory accounting and progress.
 
-For every shard of the base, the output shard's header is written first (the plan fixes every name, dtype
-and shape), then each tensor is either copied byte-for-byte by the kernel (untouched, same dtype) or read,
-edited in float32 on the compute device, rounded once, and appended. A reader thread keeps the next tensor
-ready and a writer thread drains finished ones, so disk and math overlap while at most a handful of tensors
-are in memory. Nothing else in adaptool knows about threads or devices.
+Base tensors stream: for every planned file the header is written first (the plan fixes every name, dtype
+and shape), then each tensor is either copied byte-for-byte by the kernel (untouched, same dtype) or read in
+row blocks, edited in float32 on the compute device, rounded once, and appended by a writer thread, so disk
+and math overlap while at most a handful of blocks are in memory. Computed tensors (merged factors) are
+produced on the device, checked, moved to the CPU and written sorted by name. Nothing written is NaN/Inf.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -22,9 +22,10 @@ from typing import Callable
 import torch
 
 from adaptool.errors import AdaptoolError
-from adaptool.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from adaptool.io.safetensors_file import FLOAT_CODES, dtype_code, open_regular, prefetch, read_block
+from adaptool.io.safetensors_file import dtype_code, open_regular, prefetch, read_block, torch_dtype
 from adaptool.io.writer import OutputTensor, ShardWriter
+from adaptool.output.target import AtomicDir
+from adaptool.plan import Plan, PlannedFile
 
 WRITE_QUEUE = 4
 BLOCK_ELEMS = 1 << 21  # ~8 MB of float32 per row block: the math stays in cache on a CPU
@@ -34,6 +35,9 @@ RETENTION_SAMPLE = 4  # measure rounding loss on every 4th block
 
 @dataclass
 class EngineStats:
+    """What a run did. ``energies``: (label, share of energy kept) of every rank cut; ``written``: the shape of
+    every computed tensor written (the sink derives ranks from them)."""
+
     tensors_total: int = 0
     tensors_changed: int = 0
     bytes_written: int = 0
@@ -42,124 +46,156 @@ class EngineStats:
     peak_gpu_bytes: int | None = None
     delta_retention: float | None = None  # share of the intended change that survived rounding (mean)
     worst_retention: tuple[str, float] | None = None
-    _retention: list = field(default_factory=list, repr=False)
+    retention: list = field(default_factory=list, repr=False)
+    energies: list = field(default_factory=list, repr=False)
+    written: dict = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("retention", "energies", "written")}
         if self.worst_retention:
             d["worst_retention"] = {"tensor": self.worst_retention[0], "retention": self.worst_retention[1]}
         return d
+
+    def energy_kept(self) -> dict | None:
+        """Mean and worst share of energy the rank cuts kept, or None when nothing was cut."""
+        if not self.energies:
+            return None
+        return {"mean": sum(e for _, e in self.energies) / len(self.energies),
+                "min": min(e for _, e in self.energies),
+                "worst_module": min(self.energies, key=lambda x: x[1])[0]}
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def output_layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, list[OutputTensor]]]:
-    """Output shard file names with their tensors (base order, the output dtype applied to float tensors).
-
-    A sharded base keeps its layout: each name is the shard's path relative to the base folder, as its index
-    gives it (``sub/model-00001-of-00002.safetensors`` stays in ``sub/``).
-    """
-    code = dtype_code(out_dtype) if out_dtype is not None else None
-    shards = []
-    for shard in base.shards:
-        name = base.shard_name(shard) if base.sharded else SINGLE_NAME
-        tensors = [
-            OutputTensor(t.name, code if (code and t.dtype in FLOAT_CODES) else t.dtype, t.shape)
-            for t in base.shard_tensors(shard)
-        ]
-        shards.append((name, tensors))
-    return shards
+def execute(plan: Plan, target: Path, force: bool, device: torch.device,
+            on_start: Callable[[int, int], None] | None = None,
+            on_progress: Callable[[int], None] | None = None) -> EngineStats:
+    """Run ``plan`` into ``target``, all or nothing: files written into a temporary folder beside it, the
+    sink's files added, then the folder swapped into place (see :class:`~adaptool.output.target.AtomicDir`)."""
+    if on_start:
+        on_start(plan.items, plan.nbytes_estimate)
+    with AtomicDir(target, force, plan.inputs) as tmp:
+        stats = run(plan, tmp, device, on_progress)
+        plan.sink.finish(tmp, plan, stats)
+    return stats
 
 
-def run(
-    base: Checkpoint,
-    edits: dict[str, list],
-    out_dir: Path,
-    out_dtype: torch.dtype | None,
-    device: torch.device,
-    metadata: dict[str, str],
-    on_progress: Callable[[int], None] | None = None,
-    measure_retention: bool = True,
-) -> EngineStats:
-    """Write the edited checkpoint into ``out_dir`` (shards + index when the base was sharded).
+def run(plan: Plan, out_dir: Path, device: torch.device, on_progress: Callable[[int], None] | None = None,
+        measure_retention: bool = True) -> EngineStats:
+    """Write every file of ``plan`` into the existing folder ``out_dir``.
 
     Args:
-        base (Checkpoint): the base model.
-        edits (dict[str, list]): base tensor name -> edits, applied in order.
+        plan (Plan): what to write.
         out_dir (Path): an existing (temporary) folder.
-        out_dtype (torch.dtype | None): dtype of every float tensor; None keeps each tensor's.
         device (torch.device): where the float32 math runs.
-        metadata (dict[str, str]): provenance written into every shard's header.
-        on_progress (Callable[[int], None] | None): called with the bytes of each tensor written.
+        on_progress (Callable[[int], None] | None): called with the bytes of each tensor (or module) written.
+        measure_retention (bool): sample how much of each edit survives rounding. Default: True.
     """
-    check_editable(base, edits)
     stats = EngineStats()
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    layout = output_layout(base, out_dtype)
-    stats.tensors_total = sum(len(ts) for _, ts in layout)
     threads = torch.get_num_threads()
     # The writer thread needs a core too: an OpenMP team that oversubscribes the CPU spins at its barriers
     # and runs ~7x slower (measured on 2 cores), so the math gets the cores the I/O leaves.
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
-    handles: dict[Path, object] = {}
-    writes: deque = deque()
     try:
         with ThreadPoolExecutor(1, "adaptool-write") as pool:
-            def submit(fn, *args):
-                writes.append(pool.submit(fn, *args))
-                while len(writes) > WRITE_QUEUE:
-                    writes.popleft().result()
-
-            for (name, tensors), shard in zip(layout, base.shards):
-                src = handles.get(shard) or handles.setdefault(shard, open_regular(shard))
-                (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                writer = ShardWriter(out_dir / name, tensors, metadata)
-                try:
-                    for i, out in enumerate(tensors):
-                        info = base.tensors[out.name]
-                        if i + 1 < len(tensors):
-                            prefetch(src, base.tensors[tensors[i + 1].name])
-                        eds = edits.get(out.name, [])
-                        if not eds and out.dtype == info.dtype:
-                            writer.begin_tensor(out.name)
-                            submit(writer.copy_part, src, info.start, info.nbytes)
-                        else:
-                            writer.begin_tensor(out.name)
-                            _stream_tensor(src, info, out, eds, device, stats, measure_retention,
-                                           lambda block: submit(writer.write_part, block))
-                        stats.bytes_written += out.nbytes
-                        if on_progress:
-                            submit(on_progress, out.nbytes)
-                    while writes:
-                        writes.popleft().result()
-                    writer.close()
-                except BaseException:
-                    while writes:  # let queued writes finish before the file goes away
-                        try:
-                            writes.popleft().result()
-                        except Exception:
-                            pass
-                    writer.abort()
-                    raise
+            for planned in plan.files:
+                path = out_dir / planned.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if planned.computed:
+                    _write_computed(planned, path, device, stats, on_progress)
+                else:
+                    _write_streamed(planned, path, device, stats, pool, on_progress, measure_retention)
     finally:
         torch.set_num_threads(threads)
-        for fh in handles.values():
-            fh.close()
-
-    if base.sharded:
-        _write_index(out_dir, layout, metadata)
     stats.seconds = time.perf_counter() - start
     stats.peak_rss_bytes = peak_rss_bytes()
     if device.type == "cuda":
         stats.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
-    if stats._retention:
-        stats.delta_retention = sum(r for _, r in stats._retention) / len(stats._retention)
-        stats.worst_retention = min(stats._retention, key=lambda x: x[1])
+    if stats.retention:
+        stats.delta_retention = sum(r for _, r in stats.retention) / len(stats.retention)
+        stats.worst_retention = min(stats.retention, key=lambda x: x[1])
     return stats
+
+
+def _write_streamed(planned: PlannedFile, path: Path, device, stats: EngineStats, pool, on_progress,
+                    measure_retention: bool) -> None:
+    """Header first, then each base tensor copied by the kernel or streamed through its edits."""
+    writes: deque = deque()
+
+    def submit(fn, *args):
+        writes.append(pool.submit(fn, *args))
+        while len(writes) > WRITE_QUEUE:
+            writes.popleft().result()
+
+    handles: dict[Path, object] = {}
+    writer = ShardWriter(path, [t.out for t in planned.tensors], planned.metadata)
+    try:
+        for i, t in enumerate(planned.tensors):
+            info = t.source
+            src = handles.get(info.file) or handles.setdefault(info.file, open_regular(info.file))
+            if i + 1 < len(planned.tensors) and planned.tensors[i + 1].source.file == info.file:
+                prefetch(src, planned.tensors[i + 1].source)
+            writer.begin_tensor(info.name)
+            if t.is_copy:
+                submit(writer.copy_part, src, info.start, info.nbytes)
+            else:
+                _stream_tensor(src, info, t.out, list(t.edits), device, stats, measure_retention,
+                               lambda block: submit(writer.write_part, block))
+            stats.tensors_total += 1
+            stats.bytes_written += t.out.nbytes
+            if on_progress:
+                submit(on_progress, t.out.nbytes)
+        while writes:
+            writes.popleft().result()
+        writer.close()
+    except BaseException:
+        while writes:  # let queued writes finish before the file goes away
+            try:
+                writes.popleft().result()
+            except Exception:
+                pass
+        writer.abort()
+        raise
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+
+def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats, on_progress) -> None:
+    """Produce every computed tensor on ``device``, check it, then write the file sorted by name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for c in planned.computed:
+        produced, energy = c.produce(device)
+        if energy is not None:
+            stats.energies.append((c.label, energy))
+        nbytes = 0
+        for name, t in produced.items():
+            if c.dtype is not None:
+                t = t.to(c.dtype)
+            if t.is_floating_point() and not _all_finite(t):
+                raise AdaptoolError(f"merging {c.label} produced NaN or Inf", "check the adapters and weights")
+            tensors[name] = t.cpu().contiguous()
+            nbytes += t.numel() * t.element_size()
+        if on_progress:
+            on_progress(nbytes)
+    names = sorted(tensors)
+    writer = ShardWriter(path, [OutputTensor(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in names],
+                         planned.metadata)
+    try:
+        for n in names:
+            writer.write_tensor(n, tensors[n])
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    stats.written.update({n: tuple(tensors[n].shape) for n in names})
+    stats.tensors_total += len(names)
+    stats.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_retention: bool, emit) -> None:
@@ -168,10 +204,11 @@ def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_rete
     Edits that are not row-wise (DoRA on column-normalised layouts, row replacement) get the whole tensor
     as one block. Each emitted block is a fresh CPU tensor in the output dtype.
     """
-    out_dtype = _torch_dtype(out.dtype)
+    out_dtype = torch_dtype(out.dtype)
     if eds:
         stats.tensors_changed += 1
     fns = [e.prepare(device) for e in eds]
+    stats.energies += [kept for e in eds if (kept := getattr(e, "energy_kept", None))]
     n_rows = info.shape[0] if info.shape else 1
     row_elems = max(1, info.numel // max(1, n_rows))
     if all(e.row_wise for e in eds) and info.shape:
@@ -203,13 +240,7 @@ def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_rete
             intended2 += float(torch.linalg.vector_norm(w - w0)) ** 2
         emit(rounded.cpu())
     if intended2 > 0:
-        stats._retention.append((info.name, max(0.0, 1.0 - (lost2 / intended2) ** 0.5)))
-
-
-def _torch_dtype(code: str):
-    from adaptool.io.safetensors_file import torch_dtype
-
-    return torch_dtype(code)
+        stats.retention.append((info.name, max(0.0, 1.0 - (lost2 / intended2) ** 0.5)))
 
 
 def _all_finite(x) -> bool:
@@ -228,22 +259,3 @@ def _blame_non_finite(name: str, w0, eds, out_dtype, w=None) -> None:
     dtype = str(out_dtype).replace("torch.", "")
     raise AdaptoolError(f"tensor {name} overflows {dtype}: values beyond its range would be written as Inf",
                         "use --dtype bfloat16 or --dtype float32")
-
-
-def check_editable(base: Checkpoint, edits: dict) -> None:
-    """Refuse edits to tensors stored as float8 or integers (quantised weights), before anything is written."""
-    for name in edits:
-        info = base.tensors.get(name)
-        if info is not None and info.dtype not in FLOAT_CODES:
-            raise AdaptoolError(f"quantised base {base.root}: tensor {name} is stored as {info.dtype}, not supported",
-                                "unload into the unquantised (bf16) base")
-
-
-def _write_index(out_dir: Path, layout, metadata: dict[str, str]) -> None:
-    weight_map, total = {}, 0
-    for name, tensors in layout:
-        for t in tensors:
-            weight_map[t.name] = name
-            total += t.nbytes
-    index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

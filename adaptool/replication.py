@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptool.adapters.source import Adapter
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 
@@ -54,22 +55,27 @@ class ReplicatedCheckpoint(Checkpoint):
     base_layers: int = 0
 
 
-def replication_ranges(folders) -> list[list[int]] | None:
-    """The ``layer_replication`` of the adapters being unloaded (None when none has one).
+def replication_ranges(folders: list[Adapter]) -> list[list[int]] | None:
+    """The ``layer_replication`` of the adapters being unloaded, as ``[[start, end], …]`` (None when none has one).
 
     An adapter with layer_replication was trained on a different layer stack than any other adapter, so it is
     unloaded alone.
     """
-    with_ranges = [f for f in folders if f.config.get("layer_replication")]
+    with_ranges = [f for f in folders if _ranges(f)]
     if not with_ranges:
         return None
     if len(folders) > 1:
-        named = ", ".join(f"{f.source} ({f.config.get('layer_replication')})" if f.config.get("layer_replication")
-                          else f"{f.source} (none)" for f in folders)
+        named = ", ".join(f"{f.source} ({_ranges(f)})" if _ranges(f) else f"{f.source} (none)" for f in folders)
         raise AdaptoolError(f"adapters disagree on layer_replication: {named}; an adapter with layer_replication "
                             "changes the layer stack the others were trained on",
                             "unload it alone, then apply the other adapters to that output")
-    return with_ranges[0].config["layer_replication"]
+    return _ranges(with_ranges[0])
+
+
+def _ranges(adapter: Adapter) -> list[list[int]] | None:
+    """The adapter's ``layer_replication`` as the config writes it (lists), None when it has none."""
+    ranges = adapter.settings.layer_replication
+    return [list(r) for r in ranges] if ranges else None
 
 
 def layer_map(ranges, n_layers: int, source: str) -> list[int]:

@@ -548,3 +548,120 @@ def _load(adapter, key: str) -> torch.Tensor:
 
 def _load_raw(tensors: dict, key: str) -> torch.Tensor:
     return tensors[key].float()
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter source: the registry, one protocol, the weights read once.
+
+
+def test_registry_finds_each_family_and_refuses_others():
+    from adaptool.adapters import adalora, family, ia3, loha, lokr, lora, oft
+    from adaptool.adapters.source import Adapter  # noqa: F401 (the protocol imports)
+
+    expected = {"LORA": (lora.lora_edits, True), "LOHA": (loha.loha_edits, True), "LOKR": (lokr.lokr_edits, True),
+                "IA3": (ia3.ia3_edits, False), "ADALORA": (adalora.adalora_edits, True), "OFT": (oft.oft_edits, False)}
+    for peft_type, (edits, additive) in expected.items():
+        f = family(peft_type)
+        assert (f.peft_type, f.edits, f.additive) == (peft_type, edits, additive)
+    assert family("LOHA").own == loha.OWN and family("LORA").own == ()
+    assert family("LOHA").is_own("m.q_proj.hada_w1_a") and not family("LOHA").is_own("lm_head.weight")
+    assert family("LORA").is_own("m.q_proj.lora_A.weight") and not family("LORA").is_own("m.q_proj.base_layer.bias")
+    assert not family("LORA").is_own("m.embed_tokens.token_adapter.trainable_tokens_delta")
+    with pytest.raises(AdaptoolError, match=r"^x: adapter type VERA is not supported yet; supported: LORA"):
+        family("VERA", "x")
+
+
+def _count_opens(monkeypatch, path) -> list:
+    """Every open of ``path`` through adaptool's regular-file opener, from now on."""
+    import adaptool.io.safetensors_file as st
+    import adaptool.io.weights_buffer as wb
+
+    opened, real = [], st.open_regular
+
+    def counting(p, *args):
+        if str(p) == str(path):
+            opened.append(p)
+        return real(p, *args)
+
+    monkeypatch.setattr(wb, "open_regular", counting)
+    monkeypatch.setattr(st, "open_regular", counting)
+    return opened
+
+
+def test_adapter_bytes_are_read_once(llama_base, tmp_path, monkeypatch):
+    """Finite check, digest and every tensor come from one read of the weights file; loads are bit-exact copies."""
+    import hashlib
+
+    from conftest import make_adapter
+    from safetensors.torch import load_file
+
+    from adaptool.adapters import edits_for
+    from adaptool.adapters.source import Adapter
+    from adaptool.io.adapter_folder import AdapterFolder
+    from adaptool.io.checkpoint import Checkpoint
+
+    adapter = make_adapter(llama_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           modules_to_save=["lm_head"], dtype=torch.float32)
+    weights = adapter / "adapter_model.safetensors"
+    folder = AdapterFolder.open(adapter)
+    assert isinstance(folder, Adapter)
+    opened = _count_opens(monkeypatch, weights)
+    folder.check_finite()
+    digest = folder.sha256()
+    edits_for(folder, Checkpoint.open(llama_base))
+    stored = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
+    for name in folder.names:
+        t = folder.load(name)
+        assert t.dtype == stored[name].dtype and torch.equal(t, stored[name])
+        t.zero_()  # the caller owns what load returns
+        assert torch.equal(folder.load(name), stored[name])
+    assert len(opened) == 1
+    assert digest == hashlib.sha256((adapter / "adapter_config.json").read_bytes() + weights.read_bytes()).hexdigest()
+
+
+def test_non_finite_adapter_is_named_once_checked(llama_base, tmp_path, monkeypatch):
+    from conftest import make_adapter
+    from safetensors.torch import load_file, save_file
+
+    from adaptool.io.adapter_folder import AdapterFolder
+
+    adapter = make_adapter(llama_base, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    bad = sorted(tensors)[1]
+    tensors[bad][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    folder = AdapterFolder.open(adapter)
+    opened = _count_opens(monkeypatch, weights)
+    message = rf"^{adapter}: tensor {bad.removeprefix('base_model.model.')} contains NaN or Inf; the adapter is broken"
+    for _ in range(2):
+        with pytest.raises(AdaptoolError, match=message):
+            folder.check_finite()
+    assert len(opened) == 1
+
+
+def test_unaligned_tensor_offsets_load_exactly(tmp_path):
+    """A header whose length leaves the data section unaligned (valid safetensors) still loads bit-exact values;
+    empty and 0-dim tensors pass the finite check."""
+    import struct
+
+    from adaptool.io.adapter_folder import AdapterFolder
+
+    a, b, s = torch.randn(2, 8), torch.randn(8, 2).to(torch.bfloat16), torch.tensor(1.5)
+    header = {"base_model.model.m.q_proj.lora_A.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]},
+              "base_model.model.m.q_proj.lora_B.weight": {"dtype": "BF16", "shape": [8, 2], "data_offsets": [64, 96]},
+              "empty": {"dtype": "F32", "shape": [0, 4], "data_offsets": [96, 96]},
+              "scalar": {"dtype": "F32", "shape": [], "data_offsets": [96, 100]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8 + 3)  # 8 + len(raw) is 3 mod 8: every tensor is misaligned
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (d / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", len(raw)) + raw + a.numpy().tobytes() + b.view(torch.int16).numpy().tobytes()
+        + s.numpy().tobytes())
+    folder = AdapterFolder.open(d)
+    folder.check_finite()
+    assert torch.equal(folder.load("m.q_proj.lora_A.weight"), a)
+    assert torch.equal(folder.load("m.q_proj.lora_B.weight"), b)
+    assert folder.load("empty").shape == (0, 4) and torch.equal(folder.load("scalar"), s)

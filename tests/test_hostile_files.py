@@ -356,14 +356,7 @@ def test_bin_adapter_with_non_tensor_refused(llama_base, lora, tmp_path, extra):
 
 
 def test_check_finite_empty_tensor(tmp_path):
-    from adaptool.commands.unload import check_finite
+    from adaptool.io.weights_buffer import first_non_finite
 
-    class Folder:
-        source = "x"
-        names = ["e", "s"]
-
-        @staticmethod
-        def load(name):
-            return {"e": torch.empty(0, 4), "s": torch.tensor(1.0)}[name]
-
-    check_finite(Folder())
+    assert first_non_finite([("e", torch.empty(0, 4)), ("s", torch.tensor(1.0))]) is None
+    assert first_non_finite([("e", torch.empty(0, 4)), ("n", torch.tensor([1.0, float("nan")]))]) == "n"

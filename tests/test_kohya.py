@@ -307,3 +307,33 @@ def test_kohya_locon_conv2d(tmp_path):
     assert torch.equal(ours["down_blocks.0.proj_out.weight"], reference["down_blocks.0.proj_out.weight"])
     assert torch.equal(ours["time_head.weight"], reference["time_head.weight"])
     assert (ours["down_blocks.0.conv_in.weight"] - net.state_dict()["down_blocks.0.conv_in.weight"]).abs().max() > 1e-3
+
+
+def test_kohya_file_read_once_hashed_and_checked(llama_base, kohya_lora, tmp_path, monkeypatch):
+    """A kohya file is an Adapter like a PEFT folder: one read serves alphas, digest, finite check and tensors."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    import adaptool.io.weights_buffer as wb
+    from adaptool.adapters.source import Adapter
+    from adaptool.io.checkpoint import Checkpoint
+    from adaptool.io.kohya import open_kohya
+
+    opened, real = [], wb.open_regular
+    monkeypatch.setattr(wb, "open_regular", lambda p, *a: opened.append(p) or real(p, *a))
+    k = open_kohya(kohya_lora, Checkpoint.open(llama_base))
+    assert isinstance(k, Adapter) and k.settings.peft_type == "LORA" and k.settings.rank_for(
+        "model.layers.0.self_attn.q_proj") == 4
+    k.check_finite()
+    assert k.sha256() == hashlib.sha256(kohya_lora.read_bytes()).hexdigest()
+    stored = load_file(str(kohya_lora))
+    assert torch.equal(k.load("model.layers.0.self_attn.q_proj.lora_A.weight"),
+                       stored["lora_model_layers_0_self_attn_q_proj.lora_down.weight"])
+    assert len(opened) == 1
+
+    bad = _rewrite(kohya_lora, tmp_path / "nan.safetensors",
+                   lambda t: t["lora_model_layers_1_self_attn_v_proj.lora_up.weight"].fill_(float("nan")))
+    with pytest.raises(AdaptoolError, match=r"nan.safetensors: tensor model.layers.1.self_attn.v_proj.lora_B.weight "
+                                            "contains NaN or Inf"):
+        open_kohya(bad, Checkpoint.open(llama_base)).check_finite()

@@ -1,41 +1,18 @@
 """Adapter families: each turns one adapter's tensors into edits of base tensors.
 
-``edits_for(adapter, base)`` dispatches on ``peft_type``.
+* :mod:`~adaptool.adapters.source`: the :class:`Adapter` protocol every source (PEFT folder, kohya file) meets;
+* :mod:`~adaptool.adapters.config`: the typed adapter config, parsed once by the reader;
+* :mod:`~adaptool.adapters.registry`: :func:`family` by ``peft_type`` and :func:`edits_for`;
+* one module per family (:mod:`~adaptool.adapters.lora`, ``loha``, ``lokr``, ``ia3``, ``adalora``, ``oft``), and
+  what they share: :mod:`~adaptool.adapters.saved` (``modules_to_save`` copies, trainable tokens),
+  :mod:`~adaptool.adapters.layout` (Linear vs GPT-2 Conv1D), :mod:`~adaptool.adapters.common`,
+  :mod:`~adaptool.adapters.notes`, :mod:`~adaptool.adapters.patterns`.
 """
 
 from __future__ import annotations
 
-from adaptool.errors import AdaptoolError
+from adaptool.adapters.family import Family
+from adaptool.adapters.registry import FAMILIES_BY_TYPE, edits_for, family
+from adaptool.adapters.source import Adapter
 
-
-# peft_type -> (module, function): each family lives in its own module, imported only when used.
-FAMILIES = {
-    "LORA": ("lora", "lora_edits"),
-    "LOHA": ("loha", "loha_edits"),
-    "LOKR": ("lokr", "lokr_edits"),
-    "IA3": ("ia3", "ia3_edits"),
-    "ADALORA": ("adalora", "adalora_edits"),
-    "OFT": ("oft", "oft_edits"),
-}
-
-
-def edits_for(adapter, base):
-    """All edits one adapter makes to a base checkpoint (see :mod:`adaptool.edits`)."""
-    import importlib
-
-    from adaptool.adapters.config import config_of
-
-    peft_type = config_of(adapter).peft_type
-    if peft_type not in FAMILIES:
-        raise AdaptoolError(
-            f"{adapter.source}: adapter type {peft_type} is not supported yet",
-            "supported: LORA (incl. rsLoRA, DoRA, modules_to_save, trainable tokens), LOHA, LOKR, IA3, ADALORA, OFT",
-        )
-    module, function = FAMILIES[peft_type]
-    edits = getattr(importlib.import_module(f"adaptool.adapters.{module}"), function)(adapter, base)
-    if not edits:
-        # Structurally empty (a module whose factors are zeros still makes edits: it is a valid no-op adapter).
-        what = "holds no tensors" if not adapter.names else f"holds no complete {peft_type} module and no saved module"
-        raise AdaptoolError(f"{adapter.source}: adapter changes nothing: it {what}",
-                            "the adapter is incomplete; re-save it (with PEFT's save_pretrained)")
-    return edits
+__all__ = ["FAMILIES_BY_TYPE", "Adapter", "Family", "edits_for", "family"]

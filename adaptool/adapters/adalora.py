@@ -13,23 +13,28 @@ weight's dtype on the way (see ``_ranknum``).
 
 from __future__ import annotations
 
-from adaptool.adapters.common import (base_layout, effective_fan_in_fan_out, extra_edits, incomplete, inconsistent,
-                                      loader, misfit, module_keys, numel, refuse_layer, transposed_layout)
-from adaptool.adapters.config import config_of
+import torch
+
+from adaptool.adapters.common import incomplete, inconsistent, loader, misfit, module_keys, refuse_layer
+from adaptool.adapters.family import Family
+from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out, numel, transposed_layout
+from adaptool.adapters.saved import aux_edits
+from adaptool.adapters.source import Adapter
 from adaptool.edits import AddDelta
 from adaptool.errors import AdaptoolError
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.io.safetensors_file import torch_dtype
+from adaptool.plan.resolve import TensorResolver
 
 A, B, E = ".lora_A", ".lora_B", ".lora_E"
 OWN = (A, B, E)
 
 
-def adalora_edits(adapter, base) -> list:
+def adalora_edits(adapter: Adapter, base: Checkpoint) -> list:
     """Edits of an AdaLoRA adapter against checkpoint ``base`` (names resolved, shapes checked)."""
-    from adaptool.plan import TensorResolver
-
     resolve = TensorResolver(base, adapter)
-    edits = extra_edits(adapter, base, resolve, OWN)
-    settings = config_of(adapter)
+    edits = aux_edits(adapter, base, resolve, OWN)
+    settings = adapter.settings
     init_r, alpha = settings.init_r, settings.lora_alpha
     masks = _masks(adapter)
     linear_only = base_layout(base) is False
@@ -65,10 +70,6 @@ def adalora_edits(adapter, base) -> list:
 def _ranknum(init_r: int, weight_dtype: str) -> float:
     """init_r as PEFT ends up holding it: it moves the ranknum parameter to the base weight's dtype before
     upcasting it to float32, so above 256 a bf16 base rounds it (init_r=257 divides by 256)."""
-    import torch
-
-    from adaptool.io.safetensors_file import torch_dtype
-
     dtype = torch_dtype(weight_dtype)
     if not dtype.is_floating_point:
         return float(init_r)
@@ -79,7 +80,7 @@ def _masks(adapter) -> dict[str, list]:
     """``rank_pattern`` by module path. PEFT strips the adapter name from the keys when it saves; a key that
     still carries one (``….lora_E.<name>``) is read the way PEFT's loader reads it."""
     masks = {}
-    for key, mask in config_of(adapter).rank_masks:
+    for key, mask in adapter.settings.rank_masks:
         if key.endswith(E):
             masks[key[: -len(E)]] = mask
         elif E + "." in key:
@@ -91,6 +92,7 @@ def _masks(adapter) -> dict[str, list]:
 
 
 def _check_rank(adapter, path: str, k: int, init_r: int, mask) -> None:
+    """The rank on disk must be init_r, or what the module's rank_pattern mask keeps of init_r."""
     if mask is None:
         if k != init_r:
             raise AdaptoolError(f"{adapter.source}: {path} has rank {k} on disk but init_r={init_r} and no rank_pattern entry",
@@ -104,9 +106,10 @@ def _check_rank(adapter, path: str, k: int, init_r: int, mask) -> None:
 
 def _delta(adapter, keys, w_shape, fifo: bool, scaling: float, ranknum: float):
     """``device -> ((start, stop) -> ΔW[start:stop])`` in PEFT's order: matmul, transpose, ``* scaling``,
-    ``/ (ranknum + 1e-5)`` with ranknum a one-element float32 tensor, as PEFT holds it."""
-    import torch
+    ``/ (ranknum + 1e-5)`` with ranknum a one-element float32 tensor, as PEFT holds it.
 
+    A (k, in), E (k, 1), B (out, k); a block is ``(stop - start, *w_shape[1:])`` (GPT-2 Conv1D: ``(A*E)ᵀ Bᵀ`` rows).
+    """
     load_a, load_b, load_e = (loader(adapter, keys[s]) for s in OWN)
     tail = w_shape[1:]
 
@@ -119,3 +122,7 @@ def _delta(adapter, keys, w_shape, fifo: bool, scaling: float, ranknum: float):
         return lambda start, stop: ((b[start:stop] @ ae) * scaling / divisor).reshape(stop - start, *tail)
 
     return rows
+
+
+# What the registry (adaptool.adapters.registry) knows of this family.
+FAMILY = Family("ADALORA", adalora_edits, OWN, additive=True)

@@ -26,7 +26,7 @@ Bounds, so that nothing a config says can hang a run:
   trained adapter uses more than a handful (PEFT's default is 5). A larger value is refused, not clipped,
   since clipping would change the numbers.
 
-``config.dict`` stays the raw JSON for code outside this package; the adapter families read only this.
+Opened adapters carry it as ``adapter.settings``; nothing below the reader looks at the raw JSON.
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ import math
 import re
 from dataclasses import dataclass
 
-from adaptool.adapters.patterns import MAX_NAME_CHARS, first_match, key_regex  # noqa: F401 (MAX_NAME_CHARS: re-exported)
+from adaptool.adapters.patterns import first_match, key_regex
 from adaptool.errors import AdaptoolError
 
 MAX_PATTERN_CHARS = 1000
 MAX_NEUMANN_TERMS = 1000
 MAX_INT = 2**31 - 1  # ranks, layer and token indices: anything larger is no real model's
 
-FAMILIES = ("LORA", "LOHA", "LOKR", "IA3", "ADALORA", "OFT")
+# The peft_types whose keys are checked here (their families: :mod:`adaptool.adapters.registry`).
+PEFT_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "ADALORA", "OFT")
 # Config switches of LoRA variants whose merged weight is not the plain/DoRA formula (refused by lora.py).
 LORA_VARIANTS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora", "arrow_config",
                  "kasa_config", "monteclora_config", "target_parameters")
@@ -61,25 +62,39 @@ class Pattern:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """An adapter's config as the families read it (PEFT 0.21.2's defaults where a key is absent).
+    """An adapter's config as the families and the commands read it (PEFT 0.21.2's defaults where a key is
+    absent: the defaults below are the only place they are written down).
 
     Attributes:
         where (str): the file (or synthetic source) it came from, for messages.
         peft_type (str): upper case, e.g. ``LORA``. Default: LORA.
+        base_model_name_or_path, task_type, revision (str | None): as written (copied into outputs).
         r (int): LoRA/LoHa/LoKr rank (default 8); OFT's block count (default 0).
         lora_alpha (int | float): LoRA/AdaLoRA alpha. Default: 8.
         alpha (int | float): LoHa/LoKr alpha. Default: 8.
+        use_rslora, use_dora, lora_bias (bool): LoRA switches. Default: False.
+        fan_in_fan_out (bool): the weights are stored (in, out) (GPT-2 ``Conv1D``); read for LoRA, AdaLoRA, IA3
+            and OFT (the families whose PEFT config has the key), False for the others. Default: False.
+        bias (str): ``none``, ``all``, ``lora_only`` (OFT: ``oft_only``). Default: none.
         rank_pattern / alpha_pattern (tuple[Pattern, ...]): first match wins, in the file's order.
         rank_masks (tuple[tuple[str, tuple[bool, ...]], ...]): AdaLoRA's ``rank_pattern`` (key, mask).
+        target_modules, exclude_modules, layers_pattern: a regex string, a tuple of names, or None.
+        modules_to_save (tuple[str, ...] | None): modules saved whole.
+        layers_to_transform: a layer index, a tuple of them, or None.
         trainable_token_indices: a tuple of indices, a ``{module: tuple}`` dict, or None.
+        layer_replication (tuple[tuple[int, int], ...] | None): ``[start, end)`` layer ranges; () for ``[]``.
         variants (tuple[str, ...]): LoRA variant switches that are set (see ``LORA_VARIANTS``).
+        init_r, target_r (int): AdaLoRA's ranks. Default: 12, 8.
         oft_block_size (int | None): None when the key is absent (an OFT adapter from before PEFT 0.14).
+        coft, eps, block_share, use_cayley_neumann, num_cayley_neumann_terms: OFT's settings.
         feedforward_modules: IA3's rule, a string (regex, ``re.fullmatch``), a tuple of suffixes, or None.
     """
 
     where: str = "adapter_config.json"
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    revision: str | None = None
     r: int = 8
     lora_alpha: int | float = 8
     alpha: int | float = 8
@@ -131,17 +146,7 @@ class AdapterConfig:
         return None
 
 
-def config_of(adapter) -> AdapterConfig:
-    """The typed config of an opened adapter (parsed when it was opened, else now, once)."""
-    settings = getattr(adapter, "settings", None)
-    if isinstance(settings, AdapterConfig):
-        return settings
-    settings = parse_config(adapter.config, str(getattr(adapter, "source", "adapter")))
-    try:
-        adapter.settings = settings
-    except AttributeError:  # a read-only stand-in: parse again next time
-        pass
-    return settings
+DEFAULTS = AdapterConfig()
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -160,11 +165,21 @@ def parse_config(raw, where: str) -> AdapterConfig:
     if not isinstance(raw, dict):
         raise AdaptoolError(f"{where}: not a JSON object", "repair or re-save the adapter")
     c = _Reader(raw, where)
-    peft_type = c.text("peft_type", "LORA").upper()
+    peft_type = c.text("peft_type", DEFAULTS.peft_type).upper()
     kw = dict(where=where, peft_type=peft_type, base_model_name_or_path=c.optional_text("base_model_name_or_path"))
-    if peft_type not in FAMILIES:
+    if peft_type not in PEFT_TYPES:
         return AdapterConfig(**kw)  # refused by name where its edits are asked for
-    kw.update(
+    kw.update(_shared_keys(c))
+    if peft_type in BIAS_VALUES:
+        kw["bias"] = c.choice("bias", DEFAULTS.bias, BIAS_VALUES[peft_type])
+    kw.update(_FAMILY_KEYS[peft_type](c))
+    kw.update(_copied_keys(c))
+    return AdapterConfig(**kw)
+
+
+def _shared_keys(c: "_Reader") -> dict:
+    """Keys every supported family's config may hold."""
+    return dict(
         target_modules=c.names_or_regex("target_modules"),
         exclude_modules=c.names_or_regex("exclude_modules"),
         modules_to_save=c.names("modules_to_save"),
@@ -172,31 +187,61 @@ def parse_config(raw, where: str) -> AdapterConfig:
         layers_pattern=c.names_or_regex("layers_pattern"),
         trainable_token_indices=c.token_indices("trainable_token_indices"),
     )
-    if peft_type in BIAS_VALUES:
-        kw["bias"] = c.choice("bias", "none", BIAS_VALUES[peft_type])
-    if peft_type == "LORA":
-        kw.update(r=c.integer("r", 8, 1), lora_alpha=c.number("lora_alpha", 8), use_rslora=c.switch("use_rslora", False),
-                  use_dora=c.switch("use_dora", False), fan_in_fan_out=c.switch("fan_in_fan_out", False),
-                  lora_bias=c.switch("lora_bias", False), rank_pattern=c.patterns("rank_pattern", rank=True),
-                  alpha_pattern=c.patterns("alpha_pattern", rank=False),
-                  layer_replication=c.ranges("layer_replication"),
-                  variants=tuple(k for k in LORA_VARIANTS if raw.get(k)))
-    elif peft_type in ("LOHA", "LOKR"):
-        kw.update(r=c.integer("r", 8, 1), alpha=c.number("alpha", 8), rank_pattern=c.patterns("rank_pattern", rank=True),
-                  alpha_pattern=c.patterns("alpha_pattern", rank=False))
-    elif peft_type == "ADALORA":
-        kw.update(init_r=c.integer("init_r", 12, 1), target_r=c.integer("target_r", 8, 0),
-                  lora_alpha=c.number("lora_alpha", 8), fan_in_fan_out=c.switch("fan_in_fan_out", False),
-                  rank_masks=c.masks("rank_pattern"))
-    elif peft_type == "IA3":
-        kw.update(fan_in_fan_out=c.switch("fan_in_fan_out", False),
-                  feedforward_modules=c.names_or_regex("feedforward_modules"))
-    elif peft_type == "OFT":
-        kw.update(r=c.integer("r", 0, 0), oft_block_size=c.integer("oft_block_size", None, 0),
-                  coft=c.switch("coft", False), eps=float(c.number("eps", 6e-5)),
-                  block_share=c.switch("block_share", False), use_cayley_neumann=c.switch("use_cayley_neumann", True),
-                  num_cayley_neumann_terms=c.integer("num_cayley_neumann_terms", 5, 0, MAX_NEUMANN_TERMS))
-    return AdapterConfig(**kw)
+
+
+def _copied_keys(c: "_Reader") -> dict:
+    """Keys read after the family's own (so a config with several bad keys names the same one first as before)."""
+    return dict(
+        # PEFT's LoRA and AdaLoRA have it; any family's config that states it gets the expanded stack.
+        layer_replication=c.ranges("layer_replication"),
+        task_type=c.optional_text("task_type"),
+        revision=c.optional_text("revision"),
+    )
+
+
+def _lora_keys(c: "_Reader") -> dict:
+    """LoRA (plain, rsLoRA, DoRA; variants are only noted, and refused by the LoRA family)."""
+    return dict(r=c.integer("r", DEFAULTS.r, 1), lora_alpha=c.number("lora_alpha", DEFAULTS.lora_alpha),
+                use_rslora=c.switch("use_rslora", DEFAULTS.use_rslora), use_dora=c.switch("use_dora", DEFAULTS.use_dora),
+                fan_in_fan_out=c.switch("fan_in_fan_out", DEFAULTS.fan_in_fan_out),
+                lora_bias=c.switch("lora_bias", DEFAULTS.lora_bias), rank_pattern=c.patterns("rank_pattern", rank=True),
+                alpha_pattern=c.patterns("alpha_pattern", rank=False),
+                variants=tuple(k for k in LORA_VARIANTS if c.raw.get(k)))
+
+
+def _lycoris_keys(c: "_Reader") -> dict:
+    """LoHa and LoKr."""
+    return dict(r=c.integer("r", DEFAULTS.r, 1), alpha=c.number("alpha", DEFAULTS.alpha),
+                rank_pattern=c.patterns("rank_pattern", rank=True), alpha_pattern=c.patterns("alpha_pattern", rank=False))
+
+
+def _adalora_keys(c: "_Reader") -> dict:
+    """AdaLoRA (its rank_pattern holds kept-rank masks)."""
+    return dict(init_r=c.integer("init_r", DEFAULTS.init_r, 1), target_r=c.integer("target_r", DEFAULTS.target_r, 0),
+                lora_alpha=c.number("lora_alpha", DEFAULTS.lora_alpha),
+                fan_in_fan_out=c.switch("fan_in_fan_out", DEFAULTS.fan_in_fan_out), rank_masks=c.masks("rank_pattern"))
+
+
+def _ia3_keys(c: "_Reader") -> dict:
+    """(IA)³."""
+    return dict(fan_in_fan_out=c.switch("fan_in_fan_out", DEFAULTS.fan_in_fan_out),
+                feedforward_modules=c.names_or_regex("feedforward_modules"))
+
+
+def _oft_keys(c: "_Reader") -> dict:
+    """OFT (PEFT >= 0.14's parametrisation)."""
+    return dict(r=c.integer("r", 0, 0),  # OFT: r counts blocks; 0 lets oft_block_size decide
+                oft_block_size=c.integer("oft_block_size", DEFAULTS.oft_block_size, 0),
+                coft=c.switch("coft", DEFAULTS.coft), eps=float(c.number("eps", DEFAULTS.eps)),
+                block_share=c.switch("block_share", DEFAULTS.block_share),
+                use_cayley_neumann=c.switch("use_cayley_neumann", DEFAULTS.use_cayley_neumann),
+                num_cayley_neumann_terms=c.integer("num_cayley_neumann_terms", DEFAULTS.num_cayley_neumann_terms, 0,
+                                                   MAX_NEUMANN_TERMS),
+                fan_in_fan_out=c.switch("fan_in_fan_out", DEFAULTS.fan_in_fan_out))
+
+
+_FAMILY_KEYS = {"LORA": _lora_keys, "LOHA": _lycoris_keys, "LOKR": _lycoris_keys, "ADALORA": _adalora_keys,
+                "IA3": _ia3_keys, "OFT": _oft_keys}
 
 
 def _is_int(v) -> bool:

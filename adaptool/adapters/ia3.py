@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import re
 
-from adaptool.adapters.common import (base_layout, effective_fan_in_fan_out, extra_edits, loader, misfit, module_keys,
-                                      refuse_layer)
-from adaptool.adapters.config import config_of
+from adaptool.adapters.common import loader, misfit, module_keys, refuse_layer
+from adaptool.adapters.family import Family
+from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out
 from adaptool.adapters.patterns import check_name
+from adaptool.adapters.saved import aux_edits
+from adaptool.adapters.source import Adapter
 from adaptool.edits import ScaleRowsCols
 from adaptool.errors import AdaptoolError
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.plan.resolve import TensorResolver
 
 L = ".ia3_l"
 OWN = (L,)
 
 
-def ia3_edits(adapter, base) -> list:
+def ia3_edits(adapter: Adapter, base: Checkpoint) -> list:
     """Edits of an IA3 adapter against checkpoint ``base`` (names resolved, shapes checked)."""
-    from adaptool.plan import TensorResolver
-
     resolve = TensorResolver(base, adapter)
-    edits = extra_edits(adapter, base, resolve, OWN)
+    edits = aux_edits(adapter, base, resolve, OWN)
     linear_only = base_layout(base) is False
     fifo_default = effective_fan_in_fan_out(adapter, base)
     for path, keys in module_keys(adapter, OWN).items():
@@ -48,9 +50,9 @@ def ia3_edits(adapter, base) -> list:
     return edits
 
 
-def is_feedforward(adapter, path: str, l_shape) -> bool:
+def is_feedforward(adapter: Adapter, path: str, l_shape) -> bool:
     """PEFT's ``_check_target_module_feedforward``; without the key in the config, the vector's shape decides."""
-    rule = config_of(adapter).feedforward_modules
+    rule = adapter.settings.feedforward_modules
     if isinstance(rule, str):
         check_name(path)
         return re.fullmatch(rule, path) is not None
@@ -102,8 +104,8 @@ def _orientation(adapter, path, l_shape, w_shape, ff: bool, fifo_default: bool, 
     raise refuse_layer(adapter, path, "IA3", w_shape, "Linear, GPT-2 Conv1D, Conv2d and Conv3d layers")
 
 
-
 def _reshape(*shape):
+    """``l -> l.reshape(shape)``."""
     return lambda l: l.reshape(shape)
 
 
@@ -116,3 +118,7 @@ def _grouped(groups: int, w_shape):
         return l.reshape(out_c, in_per_group, *ones)
 
     return shape
+
+
+# What the registry (adaptool.adapters.registry) knows of this family.
+FAMILY = Family("IA3", ia3_edits, OWN, additive=False)

@@ -10,21 +10,27 @@ cores ``hada_t1``/``hada_t2`` (r, r, kh, kw; Conv1d (r, r, k, 1)), with ``w1_a``
 
 from __future__ import annotations
 
-from adaptool.adapters.common import (check_rank, extra_edits, incomplete, inconsistent, loader, lycoris_scaling, misfit,
-                                      module_keys, numel, refuse_layer, same_kernel)
+import torch
+
+from adaptool.adapters.common import (check_rank, incomplete, inconsistent, loader, lycoris_scaling, misfit, module_keys,
+                                      refuse_layer)
+from adaptool.adapters.family import Family
+from adaptool.adapters.layout import numel, same_kernel
+from adaptool.adapters.saved import aux_edits
+from adaptool.adapters.source import Adapter
 from adaptool.edits import AddDelta
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.plan.resolve import TensorResolver
 
 W1A, W1B, W2A, W2B, T1, T2 = ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"
 OWN = (W1A, W1B, W2A, W2B, T1, T2)
 FACTORS = (W1A, W1B, W2A, W2B)
 
 
-def loha_edits(adapter, base) -> list:
+def loha_edits(adapter: Adapter, base: Checkpoint) -> list:
     """Edits of a LoHa adapter against checkpoint ``base`` (names resolved, shapes checked)."""
-    from adaptool.plan import TensorResolver
-
     resolve = TensorResolver(base, adapter)
-    edits = extra_edits(adapter, base, resolve, OWN)
+    edits = aux_edits(adapter, base, resolve, OWN)
     for path, keys in module_keys(adapter, OWN).items():
         needed = FACTORS + ((T1, T2) if T1 in keys or T2 in keys else ())
         missing = [s for s in needed if s not in keys]
@@ -65,9 +71,8 @@ def _check_shapes(adapter, path, keys, w_shape, cp: bool) -> int:
 
 
 def _delta(adapter, keys, w_shape, scaling: float, cp: bool):
-    """``device -> ((start, stop) -> ΔW[start:stop])`` in PEFT's operation order, float32."""
-    import torch
-
+    """``device -> ((start, stop) -> ΔW[start:stop])`` in PEFT's operation order, float32: a block is
+    ``(stop - start, *w_shape[1:])``."""
     loads = {s: loader(adapter, keys[s]) for s in keys}
 
     def rows(device):
@@ -85,3 +90,7 @@ def _delta(adapter, keys, w_shape, scaling: float, cp: bool):
         return lambda start, stop: (((w1a[start:stop] @ w1b) * (w2a[start:stop] @ w2b)) * scale).reshape(stop - start, *tail)
 
     return rows
+
+
+# What the registry (adaptool.adapters.registry) knows of this family.
+FAMILY = Family("LOHA", loha_edits, OWN, additive=True)

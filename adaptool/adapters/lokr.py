@@ -10,22 +10,28 @@ where LyCORIS uses 1), so r comes from the config and its rank_pattern.
 
 from __future__ import annotations
 
-from adaptool.adapters.common import (check_rank, extra_edits, incomplete, inconsistent, loader, lycoris_scaling, misfit,
-                                      module_keys, numel, refuse_layer, same_kernel)
+import torch
+
+from adaptool.adapters.common import (check_rank, incomplete, inconsistent, loader, lycoris_scaling, misfit, module_keys,
+                                      refuse_layer)
+from adaptool.adapters.family import Family
+from adaptool.adapters.layout import numel, same_kernel
+from adaptool.adapters.saved import aux_edits
+from adaptool.adapters.source import Adapter
 from adaptool.edits import AddDelta
 from adaptool.errors import AdaptoolError
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.plan.resolve import TensorResolver
 
 W1, W1A, W1B = ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b"
 W2, W2A, W2B, T2 = ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"
 OWN = (W1, W1A, W1B, W2, W2A, W2B, T2)
 
 
-def lokr_edits(adapter, base) -> list:
+def lokr_edits(adapter: Adapter, base: Checkpoint) -> list:
     """Edits of a LoKr adapter against checkpoint ``base`` (names resolved, shapes checked)."""
-    from adaptool.plan import TensorResolver
-
     resolve = TensorResolver(base, adapter)
-    edits = extra_edits(adapter, base, resolve, OWN)
+    edits = aux_edits(adapter, base, resolve, OWN)
     for path, keys in module_keys(adapter, OWN).items():
         target = resolve.tensor(path, "weight")
         w_shape = tuple(base.tensors[target].shape)
@@ -76,6 +82,7 @@ def _factor_shapes(adapter, path, keys) -> tuple[tuple, tuple, list[int]]:
 
 
 def _need(adapter, path, keys, first, second, shape):
+    """The shapes of a low-rank pair of factors (refused when one is missing)."""
     for suffix in (first, second):
         if suffix not in keys:
             raise incomplete(adapter, path, suffix)
@@ -105,10 +112,8 @@ def _delta(adapter, keys, w_shape, w2_shape, scaling: float):
     w2's rows), each element one product, so the product is built a few rows of w1 at a time, bit-identical
     to the same rows of PEFT's. A conv-shaped w2 is done whole, exactly as PEFT does it: for a Conv1d whole w2
     PEFT's ``torch.kron`` of a 2-D and a 3-D factor pads w1 to (1, a, c) before the reshape, and the adapter
-    was trained through that same layout.
+    was trained through that same layout. A block is ``(stop - start, *w_shape[1:])``.
     """
-    import torch
-
     loads = {s: loader(adapter, keys[s]) for s in keys}
     h = w2_shape[0]
     tail = w_shape[1:]
@@ -136,3 +141,7 @@ def _delta(adapter, keys, w_shape, w2_shape, scaling: float):
         return block
 
     return rows
+
+
+# What the registry (adaptool.adapters.registry) knows of this family.
+FAMILY = Family("LOKR", lokr_edits, OWN, additive=True)

@@ -10,21 +10,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from adaptool.adapters.common import base_layout, effective_fan_in_fan_out, numel
-from adaptool.adapters.config import LORA_VARIANTS, AdapterConfig, config_of
-from adaptool.edits import AddDelta, DoraRescale, Replace, ReplaceRows
+import torch
+import torch.nn.functional as F
+
+from adaptool.adapters.config import AdapterConfig
+from adaptool.adapters.family import Family
+from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out, numel
+from adaptool.adapters.saved import OWN_MARKERS, TOKENS_SUFFIX, aux_edits
+from adaptool.adapters.source import Adapter
+from adaptool.edits import AddDelta, DoraRescale
 from adaptool.errors import AdaptoolError
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.io.safetensors_file import torch_dtype
+from adaptool.plan.resolve import TensorResolver
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 EMB_A_SUFFIX, EMB_B_SUFFIX = ".lora_embedding_A", ".lora_embedding_B"
 MAG_SUFFIXES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector")
 BIAS_SUFFIX = ".lora_B.bias"
-TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
-BASE_LAYER = ".base_layer."
-OWN_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector", TOKENS_SUFFIX)
-
-# Config switches of LoRA variants whose merged weight is not the plain/DoRA formula.
-UNSUPPORTED_VARIANTS = LORA_VARIANTS
+# LoRA's own tensors are told by OWN_MARKERS (adaptool.adapters.saved), which every family's reading applies.
+OWN: tuple[str, ...] = ()
 
 
 @dataclass
@@ -38,7 +43,7 @@ class LoraModule:
         scaling (float): alpha / r, or alpha / sqrt(r) for rsLoRA.
     """
 
-    adapter: object
+    adapter: Adapter
     path: str
     kind: str
     a_key: str
@@ -48,19 +53,21 @@ class LoraModule:
     bias_key: str | None = None
     magnitude_key: str | None = None
 
-    def factors(self, device):
-        """(B, A) as float32 on ``device``: B (out, r), A (r, in) for linear; embeddings (dim, r), (r, num)."""
-        a = self.adapter.load(self.a_key).to(device=device, dtype=_f32())
-        b = self.adapter.load(self.b_key).to(device=device, dtype=_f32())
+    def factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) as float32 on ``device``: B (out, r), A (r, in) for linear; embeddings (dim, r), (r, num);
+        convs B (out, r, 1…), A (r, in, k…)."""
+        a = self.adapter.load(self.a_key).to(device=device, dtype=torch.float32)
+        b = self.adapter.load(self.b_key).to(device=device, dtype=torch.float32)
         return b, a
 
-    def delta(self, device, weight_shape: tuple[int, ...], fifo: bool):
-        """ΔW in the base weight's layout, float32."""
+    def delta(self, device, weight_shape: tuple[int, ...], fifo: bool) -> torch.Tensor:
+        """ΔW in the base weight's layout (``weight_shape``), float32."""
         return self.delta_rows(device, weight_shape, fifo)(0, weight_shape[0])
 
     def delta_rows(self, device, weight_shape: tuple[int, ...], fifo: bool):
-        """``(start, stop) -> ΔW[start:stop]`` (base layout, float32), in PEFT's order of operations:
-        matmul, transpose, scale. Each row block is the same dot products PEFT computes, so blocks are exact."""
+        """``(start, stop) -> ΔW[start:stop]`` (base layout: ``(stop - start, *weight_shape[1:])``, float32), in
+        PEFT's order of operations: matmul, transpose, scale. Each row block is the same dot products PEFT
+        computes, so blocks are exact."""
         b, a = self.factors(device)
         s = self.scaling
         if self.kind == "conv":
@@ -71,15 +78,8 @@ class LoraModule:
         return lambda start, stop: (b[start:stop] @ a).mul_(s)
 
 
-def _f32():
-    import torch
-
-    return torch.float32
-
-
-def _conv_delta(b, a, weight_shape):
-    import torch.nn.functional as F
-
+def _conv_delta(b: torch.Tensor, a: torch.Tensor, weight_shape) -> torch.Tensor:
+    """A conv's ΔW (out, in, k…) from B (out, r, 1…) and A (r, in, k…), as PEFT computes it (unscaled)."""
     if tuple(weight_shape[2:4]) == (1, 1):
         # PEFT's 1x1 shortcut (also taken by Conv3d (1,1,k), see PEFT #3768)
         return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
@@ -93,13 +93,13 @@ def scaling_for(settings: AdapterConfig, path: str) -> tuple[int, float]:
     return r, (alpha / math.sqrt(r) if settings.use_rslora else alpha / r)
 
 
-def lora_modules(adapter, base=None) -> list[LoraModule]:
+def lora_modules(adapter: Adapter, base: Checkpoint | None = None) -> list[LoraModule]:
     """Every module a LoRA adapter adapts, with its resolved rank and scaling.
 
     ``base``: the checkpoint the modules will be folded into; a ``layer_replication`` adapter needs the
     expanded view of it (:func:`adaptool.replication.replicate`), anything else refuses it.
     """
-    settings = config_of(adapter)
+    settings = adapter.settings
     _refuse_variants(adapter, settings, base)
     names = set(adapter.names)
     modules, used = [], set()
@@ -158,6 +158,8 @@ def _refuse_strays(adapter, used: set) -> None:
 
 
 def _refuse_variants(adapter, settings: AdapterConfig, base=None) -> None:
+    """Refuse LoRA variants whose merged weight is not the plain/DoRA formula, and a ``layer_replication``
+    adapter outside the replicated view of its base."""
     for key in settings.variants:
         raise AdaptoolError(f"{adapter.source}: LoRA variant '{key}' cannot be folded into a base by adaptool yet",
                             "merge it with PEFT, or train a plain LoRA/DoRA adapter")
@@ -168,10 +170,8 @@ def _refuse_variants(adapter, settings: AdapterConfig, base=None) -> None:
                             "`adaptool unload BASE+ADAPTER` (alone)", "unload it into its base first")
 
 
-def lora_edits(adapter, base) -> list:
+def lora_edits(adapter: Adapter, base: Checkpoint) -> list:
     """Edits of a LoRA adapter against checkpoint ``base`` (names resolved, shapes checked)."""
-    from adaptool.plan import TensorResolver
-
     resolve = TensorResolver(base, adapter)
     linear_only = base_layout(base) is False
     fifo_default = effective_fan_in_fan_out(adapter, base)
@@ -207,28 +207,29 @@ def _check_magnitude(adapter, m: LoraModule, w_shape, fifo: bool) -> None:
 
 
 def _module_edit(adapter, m: LoraModule, target, w_shape, fifo, base_dtype):
+    """The edit of base weight ``target`` (``w_shape``): ``W + ΔW``, or DoRA's rescale when the module has a
+    magnitude vector (one number per output feature)."""
     delta = lambda device, m=m: m.delta_rows(device, w_shape, fifo)  # noqa: E731
     if m.magnitude_key is None:
         if m.kind == "embedding":  # PEFT: W += Δ.to(W.dtype), a rounding we repeat to give its numbers
-            from adaptool.io.safetensors_file import torch_dtype
-
             return AddDelta(target, adapter.source, delta, round_delta_to=torch_dtype(base_dtype))
         return AddDelta(target, adapter.source, delta, row_wise=m.kind != "conv")
     layout = "conv" if m.kind == "conv" else "embedding" if m.kind == "embedding" else "fifo" if fifo else "linear"
     key = m.magnitude_key
-    magnitude = lambda device: adapter.load(key).to(device=device, dtype=_f32())  # noqa: E731
+    magnitude = lambda device: adapter.load(key).to(device=device, dtype=torch.float32)  # noqa: E731
     return DoraRescale(target, adapter.source, delta, magnitude, layout)
 
 
 def _bias_delta(adapter, key, scaling):
+    """``device -> ((start, stop) -> Δbias[start:stop])``: lora_B's bias (out,) times the module's scaling."""
     def rows(device):
-        d = adapter.load(key).to(device=device, dtype=_f32()) * scaling
+        d = adapter.load(key).to(device=device, dtype=torch.float32) * scaling
         return lambda start, stop: d[start:stop].clone()
 
     return rows
 
 
-def layout_in(adapter, m: LoraModule, base, w_shape) -> bool:
+def layout_in(adapter: Adapter, m: LoraModule, base: Checkpoint, w_shape) -> bool:
     """Check A/B against ``base``'s weight of shape ``w_shape``; return whether it is stored (in, out) (GPT-2
     Conv1D), with ``fan_in_fan_out`` as PEFT applies it to this base."""
     return _check_and_layout(adapter, m, w_shape, effective_fan_in_fan_out(adapter, base),
@@ -239,7 +240,7 @@ def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool, linea
     """Check A/B against the base weight; return whether the weight is stored (in, out) (GPT-2 Conv1D).
 
     ``linear_only``: the base is a model whose 2-D weights are all ``nn.Linear`` (see
-    :func:`adaptool.adapters.common.base_layout`), so no weight is stored (in, out) whatever the config says.
+    :func:`adaptool.adapters.layout.base_layout`), so no weight is stored (in, out) whatever the config says.
     """
     a_shape, b_shape = adapter.shape(m.a_key), adapter.shape(m.b_key)
     if m.kind == "embedding":
@@ -262,45 +263,5 @@ def _check_and_layout(adapter, m: LoraModule, w_shape, fifo_default: bool, linea
     return fifo
 
 
-def aux_edits(adapter, base, resolve) -> list:
-    """modules_to_save copies, saved base_layer tensors and trainable-token rows (full replacements)."""
-    edits = []
-    for name in adapter.names:
-        if name.endswith(TOKENS_SUFFIX):
-            path = name[: -len(TOKENS_SUFFIX)]
-            target = resolve.tensor(path, "weight")
-            indices = _token_indices(adapter, path)
-            rows_shape = tuple(adapter.shape(name))
-            w_shape = tuple(base.tensors[target].shape)
-            if (not rows_shape or len(rows_shape) != len(w_shape) or len(indices) != rows_shape[0]
-                    or rows_shape[1:] != w_shape[1:] or max(indices, default=0) >= w_shape[0]):
-                raise AdaptoolError(f"{adapter.source}: trainable tokens of {path} ({name} {rows_shape}, "
-                                    f"{len(indices)} indices) do not fit the base {w_shape}",
-                                    "check trainable_token_indices and the base model")
-            edits.append(ReplaceRows(target, adapter.source, _loader(adapter, name), indices))
-            continue
-        if any(marker in name for marker in OWN_MARKERS):
-            continue
-        module_path, _, param = name.rpartition(".")
-        if module_path.endswith(BASE_LAYER[:-1]):
-            module_path = module_path[: -len(BASE_LAYER) + 1]
-        target = resolve.tensor(module_path, param)
-        if tuple(base.tensors[target].shape) != tuple(adapter.shape(name)):
-            raise AdaptoolError(
-                f"{adapter.source}: {name} has shape {tuple(adapter.shape(name))}, base {target} has {tuple(base.tensors[target].shape)}",
-                "the adapter resized this module (e.g. a resized vocabulary); resize the base to match first",
-            )
-        edits.append(Replace(target, adapter.source, _loader(adapter, name)))
-    return edits
-
-
-def _loader(adapter, key):
-    return lambda device: adapter.load(key).to(device)
-
-
-def _token_indices(adapter, path: str) -> list[int]:
-    indices = config_of(adapter).token_indices(path)
-    if indices is not None:
-        return list(indices)
-    raise AdaptoolError(f"{adapter.source}: trainable tokens saved for {path} but trainable_token_indices does not name it",
-                        "fix trainable_token_indices in adapter_config.json")
+# What the registry (adaptool.adapters.registry) knows of this family.
+FAMILY = Family("LORA", lora_edits, OWN, additive=True)

@@ -16,26 +16,31 @@ from __future__ import annotations
 
 import math
 
-from adaptool.adapters.common import extra_edits, inconsistent, loader, module_keys, refuse_layer
-from adaptool.adapters.config import AdapterConfig, config_of
+import torch
+
+from adaptool.adapters.common import inconsistent, loader, module_keys, refuse_layer
+from adaptool.adapters.config import AdapterConfig
+from adaptool.adapters.family import Family
+from adaptool.adapters.saved import aux_edits
+from adaptool.adapters.source import Adapter
 from adaptool.edits import Rotate
 from adaptool.errors import AdaptoolError
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.plan.resolve import TensorResolver
 
 R_LINEAR, R_EMBEDDING = ".oft_R.weight", ".oft_embedding_R.weight"
 OWN = (R_LINEAR, R_EMBEDDING)
 
 
-def oft_edits(adapter, base) -> list:
+def oft_edits(adapter: Adapter, base: Checkpoint) -> list:
     """Edits of an OFT adapter against checkpoint ``base`` (names resolved, shapes checked)."""
-    from adaptool.plan import TensorResolver
-
-    settings = config_of(adapter)
+    settings = adapter.settings
     if settings.oft_block_size is None:
         # PEFT refuses these too: OFT's parametrisation changed in 0.14.0.
         raise AdaptoolError(f"{adapter.source}: an OFT adapter from before PEFT 0.14 (no oft_block_size in its config)",
                             "retrain it with PEFT >= 0.14, or merge it with PEFT 0.13")
     resolve = TensorResolver(base, adapter)
-    edits = extra_edits(adapter, base, resolve, OWN)
+    edits = aux_edits(adapter, base, resolve, OWN)
     for path, keys in module_keys(adapter, OWN).items():
         if len(keys) != 1:
             raise AdaptoolError(f"{adapter.source}: {path} has both {R_LINEAR[1:]} and {R_EMBEDDING[1:]}",
@@ -83,9 +88,8 @@ def _block_size(adapter, path, n_elements: int) -> int:
 
 
 def _blocks(load, b: int, n_blocks: int, s: AdapterConfig):
-    """``device -> (n_blocks, b, b)`` rotation blocks, computed as ``OFTRotationModule.get_weight`` does."""
-    import torch
-
+    """``device -> (n_blocks, b, b)`` rotation blocks, computed as ``OFTRotationModule.get_weight`` does from the
+    saved (n_saved, b(b-1)/2) upper triangles."""
     def blocks(device):
         vec = load(device)
         rows, cols = torch.triu_indices(b, b, 1, device=device)
@@ -99,17 +103,15 @@ def _blocks(load, b: int, n_blocks: int, s: AdapterConfig):
 
 
 def _skew(vec, b, rows, cols):
-    import torch
-
+    """(n, b(b-1)/2) upper triangles -> (n, b, b) skew-symmetric blocks ``M - Mᵀ``."""
     m = torch.zeros(vec.shape[0], b, b, device=vec.device, dtype=vec.dtype)
     m[:, rows, cols] = vec
     return m - m.transpose(-2, -1)
 
 
 def _cayley(q, b: int, neumann: bool, terms: int):
-    """PEFT's ``_cayley_batch`` on the skew blocks ``q`` (same operations, same order)."""
-    import torch
-
+    """PEFT's ``_cayley_batch`` on the skew blocks ``q`` (n, b, b) -> rotations (n, b, b) (same operations,
+    same order)."""
     n = q.shape[0]
     if neumann:
         r = torch.eye(b, device=q.device, dtype=q.dtype).repeat(n, 1, 1)
@@ -130,9 +132,8 @@ def _cayley(q, b: int, neumann: bool, terms: int):
 
 
 def _project(vec, b, rows, cols, eps: float):
-    """COFT's projection (PEFT ``_project_batch``): blocks farther than eps/sqrt(n) from zero are pulled back."""
-    import torch
-
+    """COFT's projection (PEFT ``_project_batch``): blocks farther than eps/sqrt(n) from zero are pulled back;
+    (n, b(b-1)/2) in, the same shape out."""
     q = _skew(vec, b, rows, cols)
     eps = eps * 1 / torch.sqrt(torch.tensor(q.shape[0]))
     zero = torch.zeros((b, b), device=q.device, dtype=q.dtype).unsqueeze(0).expand_as(q)
@@ -140,3 +141,7 @@ def _project(vec, b, rows, cols, eps: float):
     norm = torch.norm(q - zero, dim=(1, 2), keepdim=True)
     out = torch.where((norm <= eps).bool(), q, zero + eps * (diff / norm))
     return out[:, rows, cols]
+
+
+# What the registry (adaptool.adapters.registry) knows of this family.
+FAMILY = Family("OFT", oft_edits, OWN, additive=False)

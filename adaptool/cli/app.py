@@ -79,9 +79,12 @@ def merge(
 ):
     """Combine adapters with a strategy from a YAML recipe, into one adapter or into the base."""
     from adaptool.commands.merge import merge as run_merge
+    from adaptool.recipe import load_recipe
+
+    parsed = load_recipe(recipe, output)  # -o is applied here, once; --device by merge, once
 
     def work(on_start, on_progress):
-        return run_merge(recipe, output=output, device=device, dry_run=dry_run, force=force,
+        return run_merge(parsed, device=device, dry_run=dry_run, force=force,
                          on_start=on_start, on_progress=on_progress)
 
     report(run_with_progress(work, "Merging", quiet), as_json, quiet)

@@ -5,12 +5,25 @@ Recipes with only LoRA adapters never come here (see :mod:`adaptool.commands.mer
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from adaptool.errors import AdaptoolError
-from adaptool.commands.merge import (ADDITIVE, _merged_bias, _output_dtype, _output_rank, _plan_text, _prod,
-                            _save_adapter, _span, _write_model)
+import torch
 
+from adaptool.adapters import edits_for, family
+from adaptool.adapters.adalora import A, B
+from adaptool.adapters.common import module_keys
+from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out, transposed_layout
+from adaptool.adapters.lora import layout_in, lora_modules
+from adaptool.combine import combine_module, flat, merged_bias
+from adaptool.edits import AddDelta, DoraRescale, Replace, ReplaceRows, Rotate, ScaleRowsCols
+from adaptool.errors import AdaptoolError
+from adaptool.plan import Computed, Plan, TensorResolver, group_edits
+from adaptool.plan.merge import adapter_plan, merge_spec, model_plan, output_dtype, output_rank, prod, span
+from adaptool.strategies import clamp_factors, refactor
+
+#: adapter types a merge recipe accepts; a recipe with any but LORA is a mixed merge
+MIXABLE = ("LORA", "LOHA", "LOKR", "ADALORA", "IA3", "OFT")
 
 
 @dataclass
@@ -32,8 +45,6 @@ class _Slot:
 
 
 def _has_dora(folder) -> bool:
-    from adaptool.adapters.lora import lora_modules
-
     return folder.peft_type == "LORA" and any(m.magnitude_key for m in lora_modules(folder))
 
 
@@ -57,7 +68,7 @@ def check_mixed(recipe, folders, weights) -> None:
         raise AdaptoolError(f"strategy {recipe.strategy} cannot mix adapter types into a LoRA adapter ({what})",
                             "use strategy: linear (or svd) with parameters.rank, or output.kind: model")
     for f in folders:
-        if f.peft_type not in ADDITIVE or _has_dora(f):
+        if not family(f.peft_type).additive or _has_dora(f):
             name = "DoRA" if f.peft_type == "LORA" else f.peft_type
             how = {"IA3": "scale", "OFT": "rotate"}.get(f.peft_type, "rescale")
             raise AdaptoolError(f"{f.source}: {name} adapters {how} the base weight, so they cannot be merged into a "
@@ -70,7 +81,7 @@ def check_mixed(recipe, folders, weights) -> None:
                             "add 'base: <folder or org/name>' at the top level")
 
 
-def merge_mixed(recipe, folders, weights, base, dev, target, dry_run, force, on_start, on_progress, start) -> dict:
+def plan_mixed(recipe, folders, weights, base, inputs) -> tuple[Plan, dict, list[str]]:
     """A recipe that mixes adapter types (``strategy: linear``; ``svd`` too for ``kind: adapter``).
 
     ``kind: model``: every adapter's edits (the ones ``unload`` applies, :func:`adaptool.adapters.edits_for`)
@@ -96,38 +107,23 @@ def merge_mixed(recipe, folders, weights, base, dev, target, dry_run, force, on_
     LoRA (scaling 1), and the energy kept is reported. Modules that only LoRA adapters touch take the exact
     low-rank path of a LoRA-only merge (the same best rank-k).
     """
-    import time
-
     notes = list(recipe.notes)
     if recipe.output.kind == "model":
-        plan_edits = _mixed_edits(folders, weights, base)
+        edits = _mixed_edits(folders, weights, base)
         if recipe.parameters.rank is not None:
             notes.append("parameters.rank has no effect when adapter types are mixed into a model: "
                          "every delta is folded in whole")
-        plan = _mixed_model_summary(folders, recipe, plan_edits, base)
-    else:
-        slots = _mixed_slots(folders, weights, base)
-        plan = _mixed_adapter_summary(folders, recipe, slots)
-    if dry_run:
-        return {"dry_run": True, "output": str(target), "notes": notes, **plan,
-                "plan_text": _plan_text(recipe, folders, plan, notes)}
-    if recipe.output.kind == "model":
-        summary = _fold_mixed(recipe, folders, plan_edits, dev, base, target, force, on_start, on_progress)
-    else:
-        summary = _write_mixed_adapter(recipe, folders, slots, dev, target, force, on_start, on_progress,
-                                       plan["output_bytes_estimate"])
-    summary["seconds"] = time.perf_counter() - start
-    return {"output": str(target), "strategy": recipe.strategy, "space": recipe.space, "kind": recipe.output.kind,
-            "device": str(dev), "notes": notes, **plan, **summary}
+        return (model_plan(recipe, folders, edits, base, inputs),
+                _mixed_model_summary(folders, recipe, group_edits(edits), base), notes)
+    slots = _mixed_slots(folders, weights, base)
+    spec = merge_spec(recipe, len(folders))
+    modules = [_slot_module(s, spec, output_dtype(recipe, folders)) for s in slots.values()]
+    return adapter_plan(recipe, folders, modules, inputs), _mixed_adapter_summary(folders, recipe, slots), notes
 
 
 def _mixed_edits(folders, weights, base):
-    """The plan of a mixed ``kind: model`` merge: replacements first, then each adapter's weighted edits in
+    """The edits of a mixed ``kind: model`` merge: replacements first, then each adapter's weighted edits in
     recipe order (the plan keeps each tensor's edits in the order they are added)."""
-    from adaptool.adapters import edits_for
-    from adaptool.edits import Replace, ReplaceRows
-    from adaptool.plan import Plan
-
     replacements, changes = [], []
     replaced: dict[str, str] = {}
     for f, w in zip(folders, weights):
@@ -142,18 +138,11 @@ def _mixed_edits(folders, weights, base):
             weighted = _weighted_edit(e, w, f)
             if weighted is not None:
                 changes.append(weighted)
-    plan = Plan()
-    plan.add(replacements)
-    plan.add(changes)
-    return plan
+    return replacements + changes
 
 
 def _weighted_edit(e, w: float, folder):
     """Edit ``e`` of ``folder`` at recipe weight ``w`` (see :func:`_merge_mixed`); None: nothing to do."""
-    import dataclasses
-
-    from adaptool.edits import AddDelta, DoraRescale, Rotate, ScaleRowsCols
-
     if w == 1:
         return e
     if isinstance(e, (AddDelta, DoraRescale)):
@@ -178,8 +167,6 @@ def _interpolated_scale(scale, w: float):
     """IA3 at weight ``w``: ``1 + w·(l − 1)``, the change ``W·(l − 1)`` scaled by ``w``."""
 
     def prepare(device):
-        import torch
-
         return (scale(device).to(torch.float32) - 1.0) * w + 1.0
 
     return prepare
@@ -187,8 +174,6 @@ def _interpolated_scale(scale, w: float):
 
 def _adapter_module_counts(folders, edits) -> list[int]:
     """How many weights each adapter changes (its non-replacement edits of ``…weight`` tensors)."""
-    from adaptool.edits import Replace, ReplaceRows
-
     counts = {f.source: set() for f in folders}
     for target, eds in edits.items():
         for e in eds:
@@ -198,17 +183,13 @@ def _adapter_module_counts(folders, edits) -> list[int]:
 
 
 def _lora_rank_span(folders):
-    from adaptool.adapters.lora import lora_modules
-
-    return _span([m.rank for f in folders if f.peft_type == "LORA" for m in lora_modules(f)])
+    return span([m.rank for f in folders if f.peft_type == "LORA" for m in lora_modules(f)])
 
 
-def _mixed_model_summary(folders, recipe, plan_edits, base) -> dict:
-    from adaptool.edits import Replace, ReplaceRows
-
-    counts = _adapter_module_counts(folders, plan_edits.edits)
-    changed = {t for t, eds in plan_edits.edits.items() if any(not isinstance(e, (Replace, ReplaceRows)) for e in eds)}
-    largest = max((_prod(base.tensors[t].shape) for t in plan_edits.edits), default=0)
+def _mixed_model_summary(folders, recipe, edits: dict, base) -> dict:
+    counts = _adapter_module_counts(folders, edits)
+    changed = {t for t, eds in edits.items() if any(not isinstance(e, (Replace, ReplaceRows)) for e in eds)}
+    largest = max((prod(base.tensors[t].shape) for t in edits), default=0)
     return {
         "adapters": [{"source": f.source, "type": f.peft_type, "weight": a.weight, "modules": n}
                      for f, a, n in zip(folders, recipe.adapters, counts)],
@@ -220,20 +201,8 @@ def _mixed_model_summary(folders, recipe, plan_edits, base) -> dict:
     }
 
 
-def _fold_mixed(recipe, folders, plan_edits, dev, base, target, force, on_start, on_progress) -> dict:
-    return _write_model(recipe, folders, plan_edits.edits, dev, base, target, force, on_start, on_progress)
-
-
 def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
     """The base weights the additive adapters change, with each adapter's contribution (checked against the base)."""
-    import importlib
-
-    from adaptool.adapters import FAMILIES, edits_for
-    from adaptool.adapters.common import module_keys
-    from adaptool.adapters.lora import layout_in, lora_modules
-    from adaptool.edits import AddDelta
-    from adaptool.plan import TensorResolver
-
     slots: dict[str, _Slot] = {}
 
     def slot(folder, target, path, kind, transposed) -> _Slot:
@@ -255,8 +224,8 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
                 s.lora.append((m, w))
                 s.a_shape, s.b_shape = tuple(f.shape(m.a_key)), tuple(f.shape(m.b_key))
             continue
-        family = importlib.import_module(f"adaptool.adapters.{FAMILIES[f.peft_type][0]}")
-        paths = {resolve.tensor(path, "weight"): (path, keys) for path, keys in module_keys(f, family.OWN).items()}
+        own = family(f.peft_type).own
+        paths = {resolve.tensor(path, "weight"): (path, keys) for path, keys in module_keys(f, own).items()}
         for e in edits_for(f, base):
             if not isinstance(e, AddDelta):
                 continue  # modules_to_save copies and the like travel as saved (_carried_aux)
@@ -269,9 +238,6 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
 
 def _adalora_transposed(folder, keys, w_shape, base) -> bool:
     """Whether AdaLoRA stores this 2-D weight (in, out) (GPT-2 Conv1D), as :mod:`adaptool.adapters.adalora` decides."""
-    from adaptool.adapters.adalora import A, B
-    from adaptool.adapters.common import base_layout, effective_fan_in_fan_out, transposed_layout
-
     if len(w_shape) != 2:
         return False
     a, b = folder.shape(keys[A]), folder.shape(keys[B])
@@ -282,7 +248,7 @@ def _slot_io(s: _Slot) -> tuple[int, int]:
     """(out, in) of the slot's delta in LoRA factor orientation."""
     if s.transposed:
         return s.w_shape[1], s.w_shape[0]
-    return s.w_shape[0], _prod(s.w_shape[1:])
+    return s.w_shape[0], prod(s.w_shape[1:])
 
 
 def _mixed_adapter_summary(folders, recipe, slots) -> dict:
@@ -298,8 +264,8 @@ def _mixed_adapter_summary(folders, recipe, slots) -> dict:
     out_bytes, largest, ranks = 0, 0, []
     for s in slots.values():
         o, i = _slot_io(s)
-        r = min(recipe.parameters.rank, o, i) if s.dense else _output_rank([m.rank for m, _ in s.lora], recipe.strategy,
-                                                                          _spec(recipe, len(folders)))
+        r = min(recipe.parameters.rank, o, i) if s.dense else output_rank([m.rank for m, _ in s.lora], recipe.strategy,
+                                                                         merge_spec(recipe, len(folders)))
         ranks.append(r)
         out_bytes += r * (o + i) * itemsize
         largest = max(largest, o * i)
@@ -308,28 +274,14 @@ def _mixed_adapter_summary(folders, recipe, slots) -> dict:
                      for f, a, n in zip(folders, recipe.adapters, counts)],
         "modules": len(slots),
         "rank_in": _lora_rank_span(folders),
-        "rank_out": _span(ranks),
+        "rank_out": span(ranks),
         "output_bytes_estimate": out_bytes,
         "working_memory_estimate": largest * 4 * 3,
     }
 
 
-def _spec(recipe, n_adapters: int):
-    from adaptool.combine import MergeSpec
-
-    p = recipe.parameters
-    return MergeSpec(strategy=recipe.strategy, space=recipe.space, density=p.density,
-                     majority_sign_method=p.majority_sign_method, rank=p.rank, clamp=p.clamp, seed=p.seed,
-                     to_adapter=recipe.output.kind == "adapter", n_adapters=n_adapters)
-
-
 def _slot_factors(s: _Slot, spec, device):
     """(B, A, energy) of one slot: the exact low-rank path for LoRA-only slots, else an SVD of the dense sum."""
-    import torch
-
-    from adaptool.combine import combine_module, flat
-    from adaptool.strategies import clamp_factors, refactor
-
     if not s.dense:
         c = combine_module(s.path, s.lora, spec, device, s.transposed and s.kind != "embedding")
         return c.B, c.A, (c.energy if c.truncated else None)
@@ -350,29 +302,22 @@ def _slot_factors(s: _Slot, spec, device):
     return B, A, energy
 
 
-def _write_mixed_adapter(recipe, folders, slots, dev, target, force, on_start, on_progress, total_bytes) -> dict:
-    spec = _spec(recipe, len(folders))
-    dtype = _output_dtype(recipe, folders)
-    tensors, ranks, energies = {}, {}, []
-    if on_start:
-        on_start(len(slots), total_bytes)
-    for s in slots.values():
-        B, A, energy = _slot_factors(s, spec, dev)
-        if energy is not None:
-            energies.append((s.path, energy))
+def _slot_module(s: _Slot, spec, dtype) -> Computed:
+    """One slot's merged factors under PEFT's names (conv factors shaped like a LoRA entry's, or the weight's)."""
+
+    def produce(device):
+        B, A, energy = _slot_factors(s, spec, device)
         k = A.shape[0]
         if s.kind == "conv":
             a_tail = s.a_shape[1:] if s.a_shape else s.w_shape[1:]
             b_tail = s.b_shape[2:] if s.b_shape else (1,) * (len(s.w_shape) - 2)
             A, B = A.reshape(k, *a_tail), B.reshape(B.shape[0], k, *b_tail)
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if s.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        names = ("lora_embedding_A", "lora_embedding_B") if s.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
         key = "base_model.model." + s.path
-        tensors[f"{key}.{a_name}"] = A.to(dtype).cpu().contiguous()
-        tensors[f"{key}.{b_name}"] = B.to(dtype).cpu().contiguous()
-        bias = _merged_bias(s.lora, dev)
+        tensors = {f"{key}.{names[0]}": A, f"{key}.{names[1]}": B}
+        bias = merged_bias(s.lora, device)
         if bias is not None:
-            tensors[f"{key}.lora_B.bias"] = bias.to(dtype).cpu()
-        ranks[s.path] = k
-        if on_progress:
-            on_progress(A.numel() * A.element_size() + B.numel() * B.element_size())
-    return _save_adapter(recipe, folders, tensors, ranks, energies, target, force)
+            tensors[f"{key}.lora_B.bias"] = bias
+        return tensors, energy
+
+    return Computed(s.path, produce, dtype)

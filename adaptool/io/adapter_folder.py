@@ -6,13 +6,17 @@ stripped (transformers' ``save_pretrained(save_peft_format=False)`` writes none)
 
 from __future__ import annotations
 
-import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from adaptool.adapters.config import AdapterConfig, parse_config
 from adaptool.errors import AdaptoolError
-from adaptool.io.safetensors_file import TensorInfo, load_tensor, open_regular, read_header
+from adaptool.io.safetensors_file import TensorInfo, open_regular, read_header
+from adaptool.io.weights_buffer import WeightsBuffer, first_non_finite, non_finite_error, stream_sha256
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -20,14 +24,19 @@ CONFIG_NAME = "adapter_config.json"
 
 @dataclass
 class AdapterFolder:
-    """One adapter on disk.
+    """One adapter on disk (an :class:`~adaptool.adapters.source.Adapter`).
+
+    The weights file is read once, on first use (:meth:`load`, :meth:`sha256` or :meth:`check_finite`), into one
+    buffer that all three use; a ``.bin`` is loaded whole when the folder is opened.
 
     Attributes:
         source (str): what the user wrote (path or hub id), for messages and provenance.
         root (Path): the local folder.
-        config (dict): ``adapter_config.json``.
+        config (dict): ``adapter_config.json`` as written (for callers that predate ``settings``).
         weights (Path): the weights file.
         infos (dict[str, TensorInfo]): tensors by normalised name (safetensors only).
+        settings (AdapterConfig): the typed config, parsed when the folder is opened.
+        config_bytes (bytes | None): ``adapter_config.json``'s bytes as read (hashed with the weights).
     """
 
     source: str
@@ -35,13 +44,14 @@ class AdapterFolder:
     config: dict
     weights: Path
     infos: dict[str, TensorInfo] = field(default_factory=dict)
-    _pickled: dict | None = None
-    _sha256: str | None = None
-    settings: object = field(default=None, repr=False, compare=False)  # typed config, checked at open
+    pickled: dict | None = field(default=None, repr=False)
+    settings: AdapterConfig | None = field(default=None, repr=False, compare=False)
+    config_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    _buffer: WeightsBuffer | None = field(default=None, init=False, repr=False, compare=False)
+    _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
+    _non_finite: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        from adaptool.adapters.config import parse_config
-
         if self.settings is None:
             self.settings = parse_config(self.config, str(Path(self.source) / CONFIG_NAME))
 
@@ -51,35 +61,63 @@ class AdapterFolder:
 
     @property
     def peft_type(self) -> str:
-        return str(self.config.get("peft_type", "LORA")).upper()
+        return self.settings.peft_type
 
     @property
     def names(self) -> list[str]:
-        return list(self._pickled) if self._pickled is not None else list(self.infos)
+        return list(self.pickled) if self.pickled is not None else list(self.infos)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self._pickled is not None:
-            return tuple(self._pickled[name].shape)
+        if self.pickled is not None:
+            return tuple(self.pickled[name].shape)
         return self.infos[name].shape
 
-    def load(self, name: str):
-        """Read one tensor (as stored)."""
-        if self._pickled is not None:
-            return self._pickled[name]
-        return load_tensor(self.infos[name])
+    def load(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored (a copy out of the file's buffer: the caller may change it)."""
+        if self.pickled is not None:
+            return self.pickled[name]
+        return self._bytes().tensor(self.infos[name])
 
     def sha256(self) -> str:
+        """Hex digest of ``adapter_config.json``'s bytes followed by the weights file's."""
         if self._sha256 is None:
-            h = hashlib.sha256()
-            h.update((self.root / CONFIG_NAME).read_bytes())
-            with open_regular(self.weights) as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            self._sha256 = h.hexdigest()
+            prefix = self._config_bytes()
+            self._sha256 = stream_sha256(self.weights, prefix) if self.pickled is not None else self._bytes().sha256()
         return self._sha256
+
+    def check_finite(self) -> None:
+        """Refuse an adapter with NaN/Inf in any tensor, naming the first (checked once, from the same buffer).
+
+        Raises:
+            AdaptoolError: ``<source>: tensor <name> contains NaN or Inf``.
+        """
+        if self._non_finite is None:
+            self._non_finite = first_non_finite((n, self._view(n)) for n in self.names) or ""
+        if self._non_finite:
+            raise non_finite_error(self.source, self._non_finite)
+
+    def _view(self, name: str) -> torch.Tensor:
+        return self.pickled[name] if self.pickled is not None else self._bytes().view(self.infos[name])
+
+    def _bytes(self) -> WeightsBuffer:
+        if self._buffer is None:
+            self._buffer = WeightsBuffer(self.weights, self._config_bytes())
+        return self._buffer
+
+    def _config_bytes(self) -> bytes:
+        if self.config_bytes is None:
+            self.config_bytes = (self.root / CONFIG_NAME).read_bytes()
+        return self.config_bytes
 
     @classmethod
     def open(cls, root: Path, source: str | None = None) -> "AdapterFolder":
+        """Open the adapter folder ``root``: its config parsed and checked, the weights' header read (a ``.bin``
+        loaded), no tensor bytes read yet.
+
+        Raises:
+            AdaptoolError: no config or invalid JSON, a config key of the wrong type, no weights file, a weights
+                file that is not valid safetensors (or a ``.bin`` of anything but plain tensors).
+        """
         root = Path(root)
         source = source or str(root)
         cfg_path = root / CONFIG_NAME
@@ -88,7 +126,8 @@ class AdapterFolder:
                                 "point at a PEFT adapter folder (made by save_pretrained)")
         try:
             with open_regular(cfg_path, CONFIG_NAME) as f:
-                config = json.loads(f.read().decode("utf-8"))
+                config_bytes = f.read()
+            config = json.loads(config_bytes.decode("utf-8"))
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, RecursionError) as e:
@@ -102,21 +141,19 @@ class AdapterFolder:
                     raise AdaptoolError(f"{st}: tensor {normalise_key(name)[:200]!r} appears twice (with and without "
                                         f"the {PEFT_PREFIX!r} prefix)", "re-save the adapter with PEFT")
                 normalised[normalise_key(name)] = info
-            return cls(source, root, config, st, normalised)
+            return cls(source, root, config, st, normalised, config_bytes=config_bytes)
         if pt.exists() or pt.is_symlink():
-            return cls(source, root, config, pt, {}, _load_pickle(pt))
+            return cls(source, root, config, pt, {}, _load_pickle(pt), config_bytes=config_bytes)
         raise AdaptoolError(f"{source}: no adapter_model.safetensors in {root}", "re-save the adapter with PEFT")
 
 
 def normalise_key(name: str) -> str:
+    """A tensor name without PEFT's ``base_model.model.`` prefix."""
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
 
 
 def _load_pickle(path: Path) -> dict:
-    import pickle
-
-    import torch
-
+    """The plain tensors of a ``.bin`` state dict (``torch.load(weights_only=True)``), by normalised name."""
     hint = "re-save the adapter as safetensors; only plain tensors are read from .bin"
     try:
         with open_regular(path, "adapter_model.bin") as f:
@@ -143,4 +180,5 @@ def _load_pickle(path: Path) -> dict:
 
 
 def is_adapter_folder(path: Path) -> bool:
+    """Whether ``path`` holds an ``adapter_config.json``."""
     return (Path(path) / CONFIG_NAME).exists()

@@ -21,13 +21,17 @@ such modules get r = alpha = 1 here). The synthetic config states every module's
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from adaptool.adapters.config import AdapterConfig, parse_config
 from adaptool.errors import AdaptoolError
-from adaptool.io.safetensors_file import TensorInfo, load_tensor, open_regular, read_header
+from adaptool.io.checkpoint import Checkpoint
+from adaptool.io.safetensors_file import TensorInfo, read_header
+from adaptool.io.weights_buffer import WeightsBuffer, first_non_finite, non_finite_error
 
 # Prefixes kohya-style trainers put before the flattened module path, most specific first.
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lycoris_", "lora_")
@@ -56,7 +60,10 @@ REFUSED = {
 
 @dataclass
 class KohyaAdapter:
-    """One kohya/LyCORIS file in the shape of :class:`~adaptool.io.adapter_folder.AdapterFolder`.
+    """One kohya/LyCORIS file as an :class:`~adaptool.adapters.source.Adapter`, like a PEFT folder.
+
+    The file is read once, on first use (the ``.alpha`` tensors when it is opened, or :meth:`load`,
+    :meth:`sha256`, :meth:`check_finite`), into one buffer that all of them use.
 
     Attributes:
         source (str): what the user wrote, for messages and provenance.
@@ -65,6 +72,7 @@ class KohyaAdapter:
         weights (Path): the file.
         infos (dict[str, TensorInfo]): tensors by PEFT-style name (base module path + PEFT suffix).
         modules (dict[str, str]): kohya module name -> base module path.
+        settings (AdapterConfig): ``config`` parsed (source: the file).
     """
 
     source: str
@@ -73,7 +81,15 @@ class KohyaAdapter:
     weights: Path
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
-    _sha256: str | None = None
+    settings: AdapterConfig | None = field(default=None, repr=False, compare=False)
+    buffer: WeightsBuffer | None = field(default=None, repr=False, compare=False)
+    _non_finite: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.settings is None:
+            self.settings = parse_config(self.config, self.source)
+        if self.buffer is None:
+            self.buffer = WeightsBuffer(self.weights)
 
     @property
     def input_path(self) -> Path:
@@ -82,7 +98,7 @@ class KohyaAdapter:
 
     @property
     def peft_type(self) -> str:
-        return self.config["peft_type"]
+        return self.settings.peft_type
 
     @property
     def names(self) -> list[str]:
@@ -91,18 +107,24 @@ class KohyaAdapter:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.infos[name].shape
 
-    def load(self, name: str):
-        """Read one tensor (as stored)."""
-        return load_tensor(self.infos[name])
+    def load(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored (a copy out of the file's buffer: the caller may change it)."""
+        return self.buffer.tensor(self.infos[name])
 
     def sha256(self) -> str:
-        if self._sha256 is None:
-            h = hashlib.sha256()
-            with open_regular(self.weights) as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            self._sha256 = h.hexdigest()
-        return self._sha256
+        """Hex digest of the file's bytes."""
+        return self.buffer.sha256()
+
+    def check_finite(self) -> None:
+        """Refuse a file with NaN/Inf in any tensor, naming the first (checked once, from the same buffer).
+
+        Raises:
+            AdaptoolError: ``<source>: tensor <name> contains NaN or Inf``.
+        """
+        if self._non_finite is None:
+            self._non_finite = first_non_finite((n, self.buffer.view(self.infos[n])) for n in self.names) or ""
+        if self._non_finite:
+            raise non_finite_error(self.source, self._non_finite)
 
 
 def kohya_file(path: Path) -> Path | None:
@@ -132,7 +154,7 @@ def looks_kohya(path: Path) -> bool:
     return any(_split(k)[1] in FAMILY for k in infos)
 
 
-def open_kohya(path: Path, base, source: str | None = None) -> KohyaAdapter:
+def open_kohya(path: Path, base: Checkpoint | None, source: str | None = None) -> KohyaAdapter:
     """Read a kohya/LyCORIS file and map its modules onto ``base`` (a :class:`~adaptool.io.checkpoint.Checkpoint`).
 
     Raises:
@@ -152,6 +174,7 @@ def open_kohya(path: Path, base, source: str | None = None) -> KohyaAdapter:
         raise AdaptoolError(f"{source}: mixes {' and '.join(sorted(families))} modules in one file",
                             "adaptool reads one adapter family per file; split the file by family")
     family = families.pop()
+    buffer = WeightsBuffer(path)
     table = _module_table(base)
     modules: dict[str, str] = {}
     seen: dict[str, str] = {}
@@ -161,8 +184,8 @@ def open_kohya(path: Path, base, source: str | None = None) -> KohyaAdapter:
             raise AdaptoolError(f"{source}: modules {seen[target]} and {kname} both map to {target} of the base",
                                 "remove the duplicate module from the file")
         seen[target], modules[kname] = kname, target
-    config, renamed = _config(source, family, groups, modules, infos)
-    return KohyaAdapter(source, path.parent, config, path, renamed, modules)
+    config, renamed = _config(source, family, groups, modules, buffer)
+    return KohyaAdapter(source, path.parent, config, path, renamed, modules, buffer=buffer)
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -205,7 +228,7 @@ def _group(source: str, infos: dict[str, TensorInfo]) -> dict[str, tuple[dict[st
     return out
 
 
-def _module_table(base) -> dict[str, list[str]]:
+def _module_table(base: Checkpoint) -> dict[str, list[str]]:
     """``flattened path -> [module paths]`` for every ``X.weight`` of the base (several where flattening collides)."""
     table: dict[str, list[str]] = {}
     for name in base.tensors:
@@ -238,6 +261,7 @@ def _map_module(source: str, kname: str, table: dict[str, list[str]]) -> str:
 
 
 def _candidates(flat: str):
+    """The base names a flattened path may stand for: itself, with a base prefix added, with one dropped."""
     yield flat
     for p in BASE_PREFIXES:
         yield p + flat
@@ -245,8 +269,8 @@ def _candidates(flat: str):
             yield flat[len(p):]
 
 
-def _config(source, family, groups, modules, infos) -> tuple[dict, dict[str, TensorInfo]]:
-    """The synthetic PEFT config and the tensors under PEFT names."""
+def _config(source, family, groups, modules, buffer: WeightsBuffer) -> tuple[dict, dict[str, TensorInfo]]:
+    """The synthetic PEFT config and the tensors under PEFT names (``buffer``: the file, for the alphas)."""
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     renamed: dict[str, TensorInfo] = {}
@@ -255,7 +279,7 @@ def _config(source, family, groups, modules, infos) -> tuple[dict, dict[str, Ten
         r, whole = _rank(source, family, kname, tensors)
         if r < 1:
             raise AdaptoolError(f"{source}: {kname} has rank {r}", "the file is inconsistent; re-save it")
-        alpha = _alpha(source, kname, tensors.get(ALPHA))
+        alpha = _alpha(source, kname, tensors.get(ALPHA), buffer)
         if alpha is None or alpha == 0:  # kohya and LyCORIS: no alpha (or 0) means alpha = r, scale 1
             alpha = r
         if whole:  # LyCORIS LoKr with both factors whole: scale 1 whatever alpha says
@@ -303,12 +327,11 @@ def _rank(source, family, kname, tensors) -> tuple[int, bool]:
     return 1, True
 
 
-def _alpha(source, kname, info: TensorInfo | None) -> float | None:
+def _alpha(source, kname, info: TensorInfo | None, buffer: WeightsBuffer) -> float | None:
+    """The value of a module's ``.alpha`` tensor (one finite number of any shape), None when it has none."""
     if info is None:
         return None
-    import torch
-
-    t = load_tensor(info)
+    t = buffer.view(info)
     number = t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8)
     if t.numel() != 1 or not number:
         raise AdaptoolError(f"{source}: {kname}.alpha has shape {tuple(t.shape)} and dtype {t.dtype}, not one number",

@@ -1,9 +1,8 @@
-"""The plan: which base tensor gets which edits, checked before anything is written."""
+"""Module paths of an adapter resolved to tensor names of the base, and edits grouped by tensor."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from adaptool.errors import AdaptoolError
 
@@ -52,15 +51,12 @@ class TensorResolver:
         )
 
 
-@dataclass
-class Plan:
-    """Edits grouped by the base tensor they change, in the order they apply."""
-
-    edits: dict[str, list] = field(default_factory=lambda: defaultdict(list))
-
-    def add(self, edits) -> None:
-        for e in edits:
-            self.edits[e.target].append(e)
+def group_edits(edits) -> dict[str, list]:
+    """Edits grouped by the base tensor they change, each group in the order given (the order they apply)."""
+    grouped: dict[str, list] = defaultdict(list)
+    for e in edits:
+        grouped[e.target].append(e)
+    return grouped
 
 
 def _tied(config: dict) -> bool:

@@ -1,0 +1,63 @@
+"""The model-folder sink: what a plain model needs besides its shards.
+
+The engine has written the planned shards; this adds the index (when the base was sharded), the base's
+config and tokenizer files (``torch_dtype`` updated), the expanded layer count of a replicated base, and a
+model card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from adaptool.io.checkpoint import INDEX_NAME, Checkpoint
+from adaptool.io.side_files import copy_side_files
+from adaptool.replication import ReplicatedCheckpoint, update_config
+
+
+def dtype_name(dtype) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (None stays None)."""
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+@dataclass
+class ModelFolder:
+    """Sink for a model output.
+
+    Attributes:
+        base (Checkpoint): the base the shards were planned from (a replicated view included).
+        out_dtype (torch.dtype | None): the output dtype, written into config.json.
+        card (Callable[[dict], str]): the model card's text, given the run's stats.
+    """
+
+    base: Checkpoint
+    out_dtype: object
+    card: Callable[[dict], str]
+
+    def finish(self, folder: Path, plan, stats) -> None:
+        if self.base.sharded:
+            write_index(folder, plan)
+        copy_side_files(self.base.root, folder, dtype_name(self.out_dtype))
+        if isinstance(self.base, ReplicatedCheckpoint):
+            update_config(folder / "config.json", self.base)
+        (folder / "README.md").write_text(self.card(stats.as_dict()))
+
+    def summary(self, stats) -> dict:
+        summary = stats.as_dict()
+        if stats.energy_kept():
+            summary["energy_kept"] = stats.energy_kept()
+        return summary
+
+
+def write_index(folder: Path, plan) -> None:
+    """``model.safetensors.index.json`` naming each tensor's file, with the shards' metadata."""
+    weight_map, total = {}, 0
+    for planned in plan.files:
+        for t in planned.tensors:
+            weight_map[t.out.name] = planned.name
+            total += t.out.nbytes
+    metadata = plan.files[0].metadata if plan.files else {}
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
