@@ -32,7 +32,7 @@ def build(root: Path) -> None:
 
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import make_adapter, save_model, tiny_llama_config
-    from test_merge_mixed import make_peft_adapter
+    from conftest import make_peft_adapter
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     root.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import shutil
 import os
 import warnings
 from pathlib import Path
@@ -186,3 +188,36 @@ def assert_refused(rc: int, out: str, err: str, target: Path | None = None, befo
         after = before.retake()
         changed = sorted(set(after) ^ set(before) | {k for k in before if after.get(k) != before[k]})
         assert not changed, f"inputs changed: {changed[:5]}"
+
+
+def make_peft_adapter(base, out, config, dtype=torch.bfloat16, seed: int = 0):
+    """Save a PEFT adapter of any type for ``base`` (configs ask for random init, so nothing is an identity)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:  # a trained copy, not the base module
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def lay_out_cache(cache: Path, repo_id: str, folder: Path, refs: dict[str, str] | None = None) -> str:
+    """Copy ``folder`` into ``cache`` the way huggingface_hub stores a downloaded snapshot."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    for ref in ["main", *(refs or {})]:
+        (repo / "refs" / ref).write_text(commit)
+    return commit

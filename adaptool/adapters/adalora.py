@@ -20,7 +20,7 @@ from adaptool.adapters.family import Family
 from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out, numel, transposed_layout
 from adaptool.adapters.saved import aux_edits
 from adaptool.adapters.source import Adapter
-from adaptool.edits import AddDelta
+from adaptool.ops.edits import AddDelta
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.io.safetensors_file import torch_dtype

@@ -17,7 +17,7 @@ class Family:
     Attributes:
         peft_type (str): e.g. ``LOHA``.
         edits (Callable[[Adapter, Checkpoint], list[Edit]]): every edit the adapter makes to a base checkpoint
-            (:mod:`adaptool.edits`), names resolved and shapes checked.
+            (:mod:`adaptool.ops.edits`), names resolved and shapes checked.
         own (tuple[str, ...]): suffixes of the family's own tensors (LoHa's ``.hada_w1_a`` …); () for LoRA, whose
             tensors every family tells apart by name (:data:`adaptool.adapters.saved.OWN_MARKERS`).
         additive (bool): the family adds a ΔW to each weight (LoRA, LoHa, LoKr, AdaLoRA), so adapters of it can

@@ -19,7 +19,7 @@ from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out
 from adaptool.adapters.patterns import check_name
 from adaptool.adapters.saved import aux_edits
 from adaptool.adapters.source import Adapter
-from adaptool.edits import ScaleRowsCols
+from adaptool.ops.edits import ScaleRowsCols
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.plan.resolve import TensorResolver

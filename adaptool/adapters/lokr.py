@@ -18,7 +18,7 @@ from adaptool.adapters.family import Family
 from adaptool.adapters.layout import numel, same_kernel
 from adaptool.adapters.saved import aux_edits
 from adaptool.adapters.source import Adapter
-from adaptool.edits import AddDelta
+from adaptool.ops.edits import AddDelta
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.plan.resolve import TensorResolver

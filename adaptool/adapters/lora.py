@@ -18,7 +18,7 @@ from adaptool.adapters.family import Family
 from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out, numel
 from adaptool.adapters.saved import OWN_MARKERS, TOKENS_SUFFIX, aux_edits
 from adaptool.adapters.source import Adapter
-from adaptool.edits import AddDelta, DoraRescale
+from adaptool.ops.edits import AddDelta, DoraRescale
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.io.safetensors_file import torch_dtype
@@ -97,7 +97,7 @@ def lora_modules(adapter: Adapter, base: Checkpoint | None = None) -> list[LoraM
     """Every module a LoRA adapter adapts, with its resolved rank and scaling.
 
     ``base``: the checkpoint the modules will be folded into; a ``layer_replication`` adapter needs the
-    expanded view of it (:func:`adaptool.replication.replicate`), anything else refuses it.
+    expanded view of it (:func:`adaptool.plan.replication.replicate`), anything else refuses it.
     """
     settings = adapter.settings
     _refuse_variants(adapter, settings, base)

@@ -8,7 +8,7 @@ Conv2d: in·k·k, its kernel flattened), and the merge is ``W ← W Rᵀ`` (PEFT
 (``oft_embedding_R``) rotates its embedding dimension, ``W ← W R``. ``block_share`` saves one block used n
 times; ``coft`` first projects each block onto an eps-ball around zero, as PEFT does at merge time.
 The blocks are computed with PEFT's own operations in float32, so they are PEFT's bits; the product with
-the weight is taken block by block (see :class:`adaptool.edits.Rotate`), which PEFT's dense product matches
+the weight is taken block by block (see :class:`adaptool.ops.edits.Rotate`), which PEFT's dense product matches
 bit for bit on the CPUs we measured for blocks of up to 64, and to float32 summation order beyond.
 """
 
@@ -23,7 +23,7 @@ from adaptool.adapters.config import AdapterConfig
 from adaptool.adapters.family import Family
 from adaptool.adapters.saved import aux_edits
 from adaptool.adapters.source import Adapter
-from adaptool.edits import Rotate
+from adaptool.ops.edits import Rotate
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.plan.resolve import TensorResolver

@@ -32,7 +32,7 @@ def family(peft_type: str, source: str = "adapter") -> Family:
 
 
 def edits_for(adapter: Adapter, base: Checkpoint) -> list:
-    """All edits one adapter makes to a base checkpoint (see :mod:`adaptool.edits`).
+    """All edits one adapter makes to a base checkpoint (see :mod:`adaptool.ops.edits`).
 
     Raises:
         AdaptoolError: an unsupported type, or an adapter that changes nothing (no tensor, or no complete module

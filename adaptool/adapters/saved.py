@@ -9,7 +9,7 @@ LoRA's tensor names (``OWN_MARKERS``: PEFT would not take them for a saved copy 
 from __future__ import annotations
 
 from adaptool.adapters.source import Adapter
-from adaptool.edits import Replace, ReplaceRows
+from adaptool.ops.edits import Replace, ReplaceRows
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.plan.resolve import TensorResolver
@@ -37,8 +37,8 @@ def aux_edits(adapter: Adapter, base: Checkpoint, resolve: TensorResolver, own: 
         base: the checkpoint the edits apply to; ``resolve`` maps module paths to its tensor names.
 
     Returns:
-        list: :class:`~adaptool.edits.Replace` (a tensor of the base's shape) and
-        :class:`~adaptool.edits.ReplaceRows` (rows ``(len(indices), *w_shape[1:])`` of an embedding) edits.
+        list: :class:`~adaptool.ops.edits.Replace` (a tensor of the base's shape) and
+        :class:`~adaptool.ops.edits.ReplaceRows` (rows ``(len(indices), *w_shape[1:])`` of an embedding) edits.
     """
     edits = []
     for name in adapter.names:

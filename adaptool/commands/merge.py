@@ -20,10 +20,10 @@ from adaptool.adapters.layout import effective_fan_in_fan_out
 from adaptool.adapters.lora import layout_in, lora_modules
 from adaptool.adapters.notes import collected_notes
 from adaptool.adapters.saved import aux_edits
-from adaptool.combine import MergedRows, combine_module, merged_bias
+from adaptool.ops.combine import MergedRows, combine_module, merged_bias
 from adaptool.commands.merge_mixed import MIXABLE, check_mixed, plan_mixed
 from adaptool.device import resolve_device
-from adaptool.edits import AddDelta, DoraRescale
+from adaptool.ops.edits import AddDelta, DoraRescale
 from adaptool.engine import execute
 from adaptool.errors import AdaptoolError
 from adaptool.io.inputs import input_paths, open_adapter, open_base
@@ -60,7 +60,7 @@ def merge(
 ) -> dict:
     """Run a merge recipe.
 
-    LoRA-only recipes go through the strategies (:mod:`adaptool.combine`); a recipe with LoHa, LoKr, AdaLoRA,
+    LoRA-only recipes go through the strategies (:mod:`adaptool.ops.combine`); a recipe with LoHa, LoKr, AdaLoRA,
     IA3 or OFT adapters is a mixed merge (linear only, applied in recipe order; see
     :mod:`adaptool.commands.merge_mixed`).
 

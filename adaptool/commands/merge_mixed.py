@@ -15,8 +15,8 @@ from adaptool.adapters.adalora import A, B
 from adaptool.adapters.common import module_keys
 from adaptool.adapters.layout import base_layout, effective_fan_in_fan_out, transposed_layout
 from adaptool.adapters.lora import layout_in, lora_modules
-from adaptool.combine import combine_module, flat, merged_bias
-from adaptool.edits import AddDelta, DoraRescale, Replace, ReplaceRows, Rotate, ScaleRowsCols
+from adaptool.ops.combine import combine_module, flat, merged_bias
+from adaptool.ops.edits import AddDelta, DoraRescale, Replace, ReplaceRows, Rotate, ScaleRowsCols
 from adaptool.errors import AdaptoolError
 from adaptool.plan import Computed, Plan, TensorResolver, group_edits
 from adaptool.plan.merge import adapter_plan, merge_spec, model_plan, output_dtype, output_rank, prod, span

@@ -24,7 +24,7 @@ from adaptool.output.target import preflight
 from adaptool.plan import Plan
 from adaptool.plan.model import model_files
 from adaptool.plan.resolve import group_edits
-from adaptool.replication import replicate, replication_ranges
+from adaptool.plan.replication import replicate, replication_ranges
 
 
 def split_sources(spec: str) -> tuple[str | None, list[str]]:

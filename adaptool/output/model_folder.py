@@ -14,7 +14,7 @@ from typing import Callable
 
 from adaptool.io.checkpoint import INDEX_NAME, Checkpoint
 from adaptool.io.side_files import copy_side_files
-from adaptool.replication import ReplicatedCheckpoint, update_config
+from adaptool.plan.replication import ReplicatedCheckpoint, update_config
 
 
 def dtype_name(dtype) -> str | None:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from adaptool.adapters import family
-from adaptool.combine import MergeSpec
+from adaptool.ops.combine import MergeSpec
 from adaptool.device import resolve_dtype
 from adaptool.errors import AdaptoolError
 from adaptool.output.adapter_folder import ADAPTER_WEIGHTS, PEFT_PREFIX, PeftAdapterFolder
@@ -22,7 +22,7 @@ from adaptool.plan.resolve import group_edits
 
 
 def merge_spec(recipe, n_adapters: int) -> MergeSpec:
-    """The recipe's strategy and parameters, as :func:`adaptool.combine.combine_module` takes them."""
+    """The recipe's strategy and parameters, as :func:`adaptool.ops.combine.combine_module` takes them."""
     p = recipe.parameters
     return MergeSpec(strategy=recipe.strategy, space=recipe.space, density=p.density,
                      majority_sign_method=p.majority_sign_method, rank=p.rank, clamp=p.clamp, seed=p.seed,

@@ -27,7 +27,7 @@ from adaptool.io.writer import OutputTensor
 @dataclass(frozen=True)
 class FromBase:
     """Output tensor ``source.name``: the base tensor ``source`` in dtype ``dtype`` (a safetensors code), after
-    ``edits`` (:mod:`adaptool.edits`, applied in order; none: a copy)."""
+    ``edits`` (:mod:`adaptool.ops.edits`, applied in order; none: a copy)."""
 
     source: TensorInfo
     dtype: str

@@ -10,28 +10,12 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_model, load_output, peft_merged, save_model, tiny_llama_config
+from conftest import assert_same_model, load_output, make_peft_adapter, peft_merged, save_model, tiny_llama_config
 
 from adaptool.errors import AdaptoolError
 from adaptool.commands.unload import unload
 
 ATTN = ["q_proj", "k_proj", "v_proj"]
-
-
-def make_peft_adapter(base, out, config, dtype=torch.bfloat16, seed: int = 0):
-    """Save a PEFT adapter of any type for ``base`` (configs ask for random init, so nothing is an identity)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "modules_to_save" in name:  # a trained copy, not the base module
-                p.add_(torch.randn_like(p) * 0.1)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def unload_and_compare(base, adapter, out, exact: bool = True, dtype=torch.bfloat16) -> None:

@@ -272,7 +272,7 @@ def test_side_file_link_outside_refused(base, lora, tmp_path, target):
 
 def test_hub_snapshot_link_out_of_cache_refused(llama_base, lora, tmp_path):
     """Links into the repo's blobs/ are how the hub cache works; a link anywhere else is still refused."""
-    from test_hub import lay_out_cache
+    from conftest import lay_out_cache
 
     cache = tmp_path / "hub"
     commit = lay_out_cache(cache, "tiny-org/tiny-llama", llama_base)

@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_model, load_output, make_adapter, run_cli
+from conftest import assert_same_model, load_output, make_adapter, make_peft_adapter, run_cli
 
 from adaptool.commands.merge import merge
 
 Q = "model.layers.0.self_attn.q_proj.weight"
-
-
-def make_peft_adapter(base: Path, out: Path, config, seed: int = 0, dtype=torch.bfloat16) -> Path:
-    """Save a PEFT adapter of any type with random (non-identity) weights."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    torch.manual_seed(seed)
-    get_peft_model(model, config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def rows_in_base_layout(c: Combined, kind: str, fifo: bool, weight_shape: tuple[
 
 class MergedRows:
     """``device -> (start, stop) -> rows of the merged ΔW`` of one module in the base weight's layout, for
-    :class:`~adaptool.edits.AddDelta`; once called, ``energy_kept`` is (module, share of energy its rank cut
+    :class:`~adaptool.ops.edits.AddDelta`; once called, ``energy_kept`` is (module, share of energy its rank cut
     kept), or None when nothing was cut."""
 
     def __init__(self, path: str, entries: list, spec: MergeSpec, kind: str, fifo: bool, weight_shape: tuple[int, ...]):

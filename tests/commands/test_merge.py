@@ -296,13 +296,13 @@ def test_bad_recipe_one_line(tmp_path):
 def test_example_recipes_run(llama_base, tmp_path):
     """Every recipe under recipes/ runs end to end once its placeholder paths exist."""
     root = tmp_path / "recipes"
-    shutil.copytree(Path(__file__).parent.parent / "recipes", root)
+    shutil.copytree(Path(__file__).parents[2] / "recipes", root)
     shutil.copytree(llama_base, root / "base")
     for i, name in enumerate(["math", "code", "chat"]):
         make_adapter(root / "base", root / "adapters" / name, seed=10 + i, r=4, lora_alpha=8,
                      target_modules=["q_proj", "v_proj"])
     from peft import IA3Config, LoHaConfig
-    from test_merge_mixed import make_peft_adapter
+    from conftest import make_peft_adapter
 
     make_peft_adapter(root / "base", root / "adapters" / "style-loha",
                       LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], init_weights=False))

@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-from pathlib import Path
 
 import torch
-from conftest import load_output, make_adapter, peft_merged, run_cli
-
-
-def lay_out_cache(cache: Path, repo_id: str, folder: Path, refs: dict[str, str] | None = None) -> str:
-    """Copy ``folder`` into ``cache`` the way huggingface_hub stores a downloaded snapshot."""
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for f in folder.iterdir():
-        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, blob)
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (repo / "refs").mkdir()
-    for ref in ["main", *(refs or {})]:
-        (repo / "refs" / ref).write_text(commit)
-    return commit
+from conftest import lay_out_cache, load_output, make_adapter, peft_merged, run_cli
 
 
 def test_hub_ids_offline(llama_base, tmp_path):

@@ -112,7 +112,7 @@ def test_kohya_alpha_changes_the_result(llama_base, tmp_path):
 
 def test_kohya_loha_bit_identical(llama_base, tmp_path):
     from peft import LoHaConfig
-    from test_adapter_types import make_peft_adapter
+    from conftest import make_peft_adapter
 
     config = LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False,
                         rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3, "layers.1.self_attn.q_proj": 20})
@@ -129,7 +129,7 @@ def test_kohya_loha_bit_identical(llama_base, tmp_path):
 @pytest.mark.parametrize("kwargs", [dict(r=2, alpha=6, decompose_both=True), dict(r=3, alpha=5)])
 def test_kohya_lokr_factored_bit_identical(llama_base, tmp_path, kwargs):
     from peft import LoKrConfig
-    from test_adapter_types import make_peft_adapter
+    from conftest import make_peft_adapter
 
     adapter = make_peft_adapter(llama_base, tmp_path / "peft",
                                 LoKrConfig(target_modules=["q_proj", "down_proj"], init_weights=False, **kwargs))
@@ -144,7 +144,7 @@ def test_kohya_lokr_factored_bit_identical(llama_base, tmp_path, kwargs):
 def test_kohya_lokr_whole_factors_scale_one(llama_base, tmp_path):
     """LyCORIS: both LoKr factors whole means scale 1, whatever .alpha says (PEFT: alpha / r, so r == alpha here)."""
     from peft import LoKrConfig
-    from test_adapter_types import make_peft_adapter
+    from conftest import make_peft_adapter
 
     adapter = make_peft_adapter(llama_base, tmp_path / "peft",
                                 LoKrConfig(r=8, alpha=8, target_modules=["q_proj", "o_proj"], init_weights=False))
