@@ -13,11 +13,12 @@ from adaptool.adapters import family
 from adaptool.ops.combine import MergeSpec
 from adaptool.device import resolve_dtype
 from adaptool.errors import AdaptoolError
-from adaptool.output.adapter_folder import ADAPTER_WEIGHTS, PEFT_PREFIX, PeftAdapterFolder
+from adaptool.output.adapter_folder import PEFT_PREFIX
 from adaptool.output.model_folder import ModelFolder
 from adaptool.output.provenance import metadata, model_card
+from adaptool.plan.adapter import lora_adapter_plan, lora_config
 from adaptool.plan.model import model_files
-from adaptool.plan.plan import Computed, Plan, PlannedFile
+from adaptool.plan.plan import Computed, Plan
 from adaptool.plan.resolve import group_edits
 
 
@@ -78,37 +79,17 @@ def carried_tensors(folders) -> Computed:
 
 
 def peft_config(recipe, folders, ranks: dict[str, int], lora_bias: bool) -> dict:
-    """``adapter_config.json`` of a merged LoRA: per-module ranks as ``rank_pattern`` and ``alpha = r``
-    everywhere (scaling 1: the merged factors carry every weight and scale)."""
+    """``adapter_config.json`` of a merged LoRA (scaling 1: the merged factors carry every weight and scale)."""
     first = folders[0].settings
-    r = max(ranks.values()) if ranks else 1
-    pattern = {p: k for p, k in sorted(ranks.items()) if k != r}
     modules_to_save = sorted({m for f in folders for m in (f.settings.modules_to_save or [])}) or None
     tokens = None
     for f in folders:
         if f.settings.trainable_token_indices:
             tokens = f.settings.trainable_token_indices
-    return {
-        "peft_type": "LORA",
-        "task_type": first.task_type,
-        "base_model_name_or_path": recipe.base or first.base_model_name_or_path,
-        "revision": first.revision,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted(ranks),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": lora_bias,
-        "fan_in_fan_out": any(f.settings.fan_in_fan_out for f in folders),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": modules_to_save,
-        "trainable_token_indices": tokens,
-    }
+    return lora_config(ranks, base_model=recipe.base or first.base_model_name_or_path, task_type=first.task_type,
+                       revision=first.revision, lora_bias=lora_bias,
+                       fan_in_fan_out=any(f.settings.fan_in_fan_out for f in folders),
+                       modules_to_save=modules_to_save, trainable_token_indices=tokens)
 
 
 def recipe_yaml(recipe) -> str:
@@ -123,11 +104,11 @@ def adapter_plan(recipe, folders, modules: list[Computed], inputs: list) -> Plan
     """A PEFT adapter folder holding ``modules`` (each a module's merged factors) and the carried tensors."""
     meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
     title = Path(recipe.output.path).name
-    sink = PeftAdapterFolder(
+    return lora_adapter_plan(
+        [*modules, carried_tensors(folders)], meta,
         config=lambda ranks, lora_bias: peft_config(recipe, folders, ranks, lora_bias),
         card=lambda config: model_card(title, _command(recipe), config["base_model_name_or_path"], folders,
-                                       recipe_yaml=recipe_yaml(recipe)))
-    return Plan([PlannedFile(ADAPTER_WEIGHTS, meta, computed=[*modules, carried_tensors(folders)])], sink, inputs)
+                                       recipe_yaml=recipe_yaml(recipe)), inputs=inputs)
 
 
 def model_plan(recipe, folders, edits: list, base, inputs: list) -> Plan:

@@ -75,6 +75,23 @@ def truncate_lowrank(
     return B_k.float(), A_k.float(), _energy(S, k)
 
 
+def factor_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``B @ A`` from the factors (QR of each, SVD of the small core), in float64.
+
+    Args:
+        B (torch.Tensor): ``(out, R)``.
+        A (torch.Tensor): ``(R, in)``.
+
+    Returns:
+        tuple: ``U (out, m)``, ``S (m,)`` descending, ``Vh (m, in)`` with ``B @ A = U diag(S) Vh`` and
+        ``m = min(out, in, R)``; the best rank-k factors are ``U[:, :k] * S[:k]`` and ``Vh[:k]``.
+    """
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = _svd(Rb @ Ra.T)
+    return Qb @ U, S, Vh @ Qa.T
+
+
 def svd_dense(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-k factors of a dense delta (a TIES/DARE result, which is not low-rank).
 
