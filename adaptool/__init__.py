@@ -5,7 +5,7 @@ The public API is imported lazily so that ``adaptool --help`` never pays for tor
 
 from adaptool.version import __version__
 
-__all__ = ["__version__", "unload", "merge", "AdaptoolError"]
+__all__ = ["__version__", "unload", "merge", "inspect", "resize", "extract", "AdaptoolError"]
 
 
 def __getattr__(name):
@@ -17,6 +17,18 @@ def __getattr__(name):
         from adaptool.commands.merge import merge
 
         return merge
+    if name == "inspect":
+        from adaptool.commands.inspect import inspect
+
+        return inspect
+    if name == "resize":
+        from adaptool.commands.resize import resize
+
+        return resize
+    if name == "extract":
+        from adaptool.commands.extract import extract
+
+        return extract
     if name == "AdaptoolError":
         from adaptool.errors import AdaptoolError
 

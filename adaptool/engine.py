@@ -10,6 +10,7 @@ produced on the device, checked, moved to the CPU and written sorted by name. No
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import time
@@ -169,6 +170,7 @@ def _write_streamed(planned: PlannedFile, path: Path, device, stats: EngineStats
 def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats, on_progress) -> None:
     """Produce every computed tensor on ``device``, check it, then write the file sorted by name."""
     tensors: dict[str, torch.Tensor] = {}
+    high_water = peak_rss_bytes()
     for c in planned.computed:
         produced, energy = c.produce(device)
         if energy is not None:
@@ -183,6 +185,9 @@ def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats
             nbytes += t.numel() * t.element_size()
         if on_progress:
             on_progress(nbytes)
+        if peak_rss_bytes() > high_water:  # only when the heap grew: a trim per module costs seconds on 560
+            _release_freed_memory()
+            high_water = peak_rss_bytes()
     names = sorted(tensors)
     writer = ShardWriter(path, [OutputTensor(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in names],
                          planned.metadata)
@@ -196,6 +201,16 @@ def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats
     stats.written.update({n: tuple(tensors[n].shape) for n in names})
     stats.tensors_total += len(names)
     stats.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; elsewhere nothing). Between computed modules
+    the big temporaries are freed, but the small results kept for writing pin the heap around them: without this
+    RSS grows by megabytes per module (extract: +290 MB over a 16-layer model)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_retention: bool, emit) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 
 from adaptool.version import __version__
-from adaptool.cli.options import AsJson, Device, Dtype, Force, OptionalDevice, OptionalOutput, Output, Quiet
-from adaptool.cli.render import report, run_with_progress
+from adaptool.cli.options import (AsJson, Base, Device, Dtype, Force, MaxRank, OptionalDevice, OptionalOutput, Output,
+                                  Quiet, Rank, SvCumulative, SvFro, SvRatio)
+from adaptool.cli.render import report, report_inspect, run_with_progress
 
 app = typer.Typer(
     name="adaptool",
@@ -88,3 +89,88 @@ def merge(
                          on_start=on_start, on_progress=on_progress)
 
     report(run_with_progress(work, "Merging", quiet), as_json, quiet)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool inspect ./my-lora\n\n"
+    "  adaptool inspect ./my_lora.safetensors --base ./Llama-3.2-1B --json\n\n"
+    "  adaptool inspect ./Llama-3.2-1B"
+)
+def inspect(
+    path: str = typer.Argument(..., help="An adapter (PEFT folder, kohya/LyCORIS file) or a model folder; or a hub id."),
+    base: Base = None,
+    as_json: AsJson = False,
+):
+    """Look inside an adapter (type, per-module rank, alpha, scale, shape, ‖ΔW‖, spectrum) or a model."""
+    from adaptool.commands.inspect import inspect as run_inspect
+
+    report_inspect(run_inspect(path, base=base), as_json)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool resize ./my-lora -o lora-r8/ --rank 8\n\n"
+    "  adaptool resize ./my-lora -o lora-90/ --sv-fro 0.9 --max-rank 32 --dtype bfloat16"
+)
+def resize(
+    adapter: str = typer.Argument(..., help="The adapter to resize (PEFT folder, kohya/LyCORIS file, hub id)."),
+    output: Output = ...,
+    rank: Rank = None,
+    sv_fro: SvFro = None,
+    sv_cumulative: SvCumulative = None,
+    sv_ratio: SvRatio = None,
+    max_rank: MaxRank = None,
+    base: Base = None,
+    dtype: Dtype = None,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """A PEFT LoRA whose ΔW per module is the best approximation of the input's at a rank chosen by the rule."""
+    from adaptool.commands.resize import resize as run_resize
+    from adaptool.strategies.rank_rules import RankRule
+
+    rule = RankRule.from_options(rank, sv_fro, sv_cumulative, sv_ratio, max_rank)
+
+    def work(on_start, on_progress):
+        return run_resize(adapter, output, rule, base=base, dtype=dtype, device=device, force=force,
+                          on_start=on_start, on_progress=on_progress)
+
+    report(run_with_progress(work, "Resizing", quiet), as_json, quiet)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool extract ./Llama-3.2-1B ./my-finetune -o lora/ --rank 16\n\n"
+    "  adaptool extract meta-llama/Llama-3.2-1B me/finetune -o lora/ --sv-fro 0.95 --max-rank 64 --modules 'mlp'"
+)
+def extract(
+    base: str = typer.Argument(..., help="The base model (folder or hub id)."),
+    tuned: str = typer.Argument(..., help="The fine-tuned model (folder or hub id)."),
+    output: Output = ...,
+    rank: Rank = None,
+    sv_fro: SvFro = None,
+    sv_cumulative: SvCumulative = None,
+    sv_ratio: SvRatio = None,
+    max_rank: MaxRank = None,
+    modules: str = typer.Option(None, "--modules", help="Only modules whose name matches this regex (re.search)."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Skip (and list) tensors found on one side only."),
+    dtype: Dtype = None,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """A PEFT LoRA carrying a full fine-tune: ΔW = W_tuned − W_base per Linear weight, truncated by the rule."""
+    from adaptool.commands.extract import extract as run_extract
+    from adaptool.strategies.rank_rules import RankRule
+
+    rule = RankRule.from_options(rank, sv_fro, sv_cumulative, sv_ratio, max_rank)
+
+    def work(on_start, on_progress):
+        return run_extract(base, tuned, output, rule, modules=modules, skip_missing=skip_missing, dtype=dtype,
+                           device=device, force=force, on_start=on_start, on_progress=on_progress)
+
+    report(run_with_progress(work, "Extracting", quiet), as_json, quiet)

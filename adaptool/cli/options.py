@@ -14,3 +14,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and 
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, float16, bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
 OptionalDevice = Annotated[Optional[str], typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
+Base = Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id org/name[@rev]).")]
+Rank = Annotated[Optional[int], typer.Option("--rank", help="Keep min(R, rank of ΔW) singular values per module.")]
+SvFro = Annotated[Optional[float], typer.Option("--sv-fro", help="Smallest rank keeping this share of ‖ΔW‖_F (0-1].")]
+SvCumulative = Annotated[Optional[float], typer.Option("--sv-cumulative",
+                                                       help="Smallest rank whose singular values sum to this share (0-1].")]
+SvRatio = Annotated[Optional[float], typer.Option("--sv-ratio", help="Keep singular values >= σ₁ / X.")]
+MaxRank = Annotated[Optional[int], typer.Option("--max-rank", help="Cap on every module's rank.")]

@@ -42,7 +42,9 @@ def report(summary: dict, as_json: bool, quiet: bool = False) -> None:
     if summary.get("dry_run"):
         typer.echo(summary.get("plan_text", ""))
         return
-    if "strategy" in summary:
+    if summary.get("command") in ("resize", "extract"):
+        _report_lowrank(summary)
+    elif "strategy" in summary:
         _report_merge(summary)
     else:
         _report_unload(summary)
@@ -71,3 +73,26 @@ def _report_merge(summary: dict) -> None:
     if energy:
         typer.echo(f"energy kept by the rank cut: mean {energy['mean']:.4f}, min {energy['min']:.4f} "
                    f"({energy['worst_module']})")
+
+
+def _report_lowrank(summary: dict) -> None:
+    """resize / extract: modules written, ranks out, size, time; the energy kept by the rank cuts."""
+    ranks = summary.get("rank_out") or [0, 0]
+    rank = f"rank {ranks[0]}" if ranks[0] == ranks[1] else f"ranks {ranks[0]}–{ranks[1]}"
+    before = summary.get("bytes_before")
+    size = f"{summary.get('bytes_written', 0) / MIB:,.1f} MiB" + (f" (was {before / MIB:,.1f} MiB)" if before else "")
+    typer.echo(f"wrote {summary['output']}: {len(summary.get('modules', []))} modules, {rank}, {size} in "
+               f"{summary.get('seconds', 0):.2f} s, peak RSS {summary.get('peak_rss_bytes', 0) / MIB:,.0f} MiB")
+    energy = summary.get("energy_kept")
+    if energy:
+        typer.echo(f"energy kept: mean {energy['mean']:.4f}, min {energy['min']:.4f} ({energy['worst_module']})")
+
+
+def report_inspect(summary: dict, as_json: bool) -> None:
+    """``inspect``: one JSON object, or a table per adapter (modules) or a few lines for a model."""
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    from adaptool.cli.tables import inspect_tables
+
+    inspect_tables(summary)
