@@ -51,7 +51,7 @@ CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 # Modules whose 2-D weight is an embedding or an output head: carried whole, never factored.
 EMBEDDING_LEAVES = frozenset({"wte", "wpe", "lm_head", "embed_out", "shared"})
 MAX_REGEX = 1000
-BLOCK_ELEMS = 1 << 21  # elements per row block read from each checkpoint
+BLOCK_ELEMS = 1 << 18  # elements per row block read from each checkpoint (converted while in cache)
 
 
 @dataclass
@@ -79,6 +79,30 @@ class ModuleWork:
 
 
 @dataclass
+class Workspace:
+    """Buffers kept from module to module: fresh ones would be page-faulted in (and handed back by the engine's
+    trim) for every module, which costs more than the conversions written into them."""
+
+    delta: torch.Tensor | None = None
+    reads: tuple | None = None
+
+    def delta_for(self, shape: tuple, device, largest: int) -> torch.Tensor:
+        """A float32 tensor of ``shape`` on ``device`` (its storage reused; ``largest``: the most it will hold)."""
+        n = max(1, math.prod(shape))
+        device = torch.device(device)
+        if (self.delta is None or self.delta.numel() < n or self.delta.device.type != device.type
+                or device.index not in (None, self.delta.device.index)):
+            self.delta = None
+            self.delta = torch.empty(max(n, largest), dtype=torch.float32, device=device)
+        return self.delta[:n].view(shape)
+
+    def read_buffers(self, nbytes: int) -> tuple:
+        if self.reads is None or self.reads[0].numel() < nbytes:
+            self.reads = (torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8))
+        return self.reads
+
+
+@dataclass
 class Extraction:
     """What a run found, filled in as the engine produces each module; read by the config, card and summary."""
 
@@ -93,6 +117,8 @@ class Extraction:
     fifo: bool = False
     notes: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    workspace: Workspace = field(default_factory=Workspace)
+    largest: int = 0  # elements of the largest LoRA target weight
 
     def dtype_of(self, info: TensorInfo):
         """The output dtype of a tensor produced from TUNED's ``info``: ``--dtype`` for float tensors, else its own."""
@@ -211,6 +237,7 @@ def plan_modules(base: Checkpoint, tuned: Checkpoint, pattern, skip_missing: boo
         raise AdaptoolError(f"BASE and TUNED differ in architecture: {lost[0]}{more}",
                             "pass --skip-missing to skip such tensors, or --modules to leave them out")
     state.skipped = lost
+    state.largest = max([math.prod(w.pairs["weight"].tuned.shape) for w in works if w.lora], default=0)
     if lost:
         state.notes.append(f"{len(lost)} tensor(s) found on one side only or with another shape were skipped")
     return sorted(works, key=lambda w: w.first_read)
@@ -257,29 +284,29 @@ def _blame_non_finite(pair: Pair) -> None:
     raise AdaptoolError(f"the difference of tensor {pair.name} overflows float32", "check the checkpoints")
 
 
-def _pair_blocks(pair: Pair):
+def _pair_blocks(pair: Pair, workspace: Workspace):
     """``(start, stop, base rows, tuned rows)`` of two same-shaped tensors, read in row blocks of about
-    ``BLOCK_ELEMS`` elements into two reused buffers (each block is a view: use it before the next)."""
+    ``BLOCK_ELEMS`` elements into the workspace's two buffers (each block is a view: use it before the next)."""
     b_info, t_info = pair.base, pair.tuned
     n_rows = t_info.shape[0] if t_info.shape else 1
-    rows = max(1, BLOCK_ELEMS // max(1, t_info.numel // max(1, n_rows)))
+    rows = min(n_rows, max(1, BLOCK_ELEMS // max(1, t_info.numel // max(1, n_rows))))
+    buf_b, buf_t = workspace.read_buffers(max(1, max(b_info.nbytes, t_info.nbytes) * rows // n_rows))
     with open_regular(b_info.file) as fb, open_regular(t_info.file) as ft:
-        buf_b = torch.empty(max(1, b_info.nbytes * min(rows, n_rows) // n_rows), dtype=torch.uint8)
-        buf_t = torch.empty(max(1, t_info.nbytes * min(rows, n_rows) // n_rows), dtype=torch.uint8)
         for start in range(0, n_rows, rows):
             stop = min(n_rows, start + rows)
             yield start, stop, read_block(fb, b_info, start, stop, buf_b), read_block(ft, t_info, start, stop, buf_t)
 
 
-def _differs(pair: Pair) -> bool:
-    return pair.base.shape != pair.tuned.shape or any(not _same(b, t) for _, _, b, t in _pair_blocks(pair))
+def _differs(pair: Pair, workspace: Workspace) -> bool:
+    return (pair.base.shape != pair.tuned.shape
+            or any(not _same(b, t) for _, _, b, t in _pair_blocks(pair, workspace)))
 
 
-def weight_delta(pair: Pair, device) -> tuple[torch.Tensor, bool]:
+def weight_delta(pair: Pair, device, state: Extraction) -> tuple[torch.Tensor, bool]:
     """``(W_tuned - W_base, whether it is non-zero)``, in float32 on ``device``, built a row block at a time
-    (neither whole input is ever in memory); checked finite."""
-    D = torch.empty(pair.tuned.shape, dtype=torch.float32, device=device)
-    for start, stop, b, t in _pair_blocks(pair):
+    (neither whole input is ever in memory) into the workspace's buffer; checked finite."""
+    D = state.workspace.delta_for(tuple(pair.tuned.shape), device, state.largest)
+    for start, stop, b, t in _pair_blocks(pair, state.workspace):
         rows = D[start:stop]
         rows.copy_(t)
         rows.sub_(b.to(device))
@@ -299,7 +326,7 @@ def _lora_module(work: ModuleWork, state: Extraction) -> Computed:
 
     def produce(device):
         bias_delta = _bias_delta(bias, device) if bias is not None else None
-        D, changed = weight_delta(weight, device)
+        D, changed = weight_delta(weight, device, state)
         if bias_delta is None and not changed:
             return {}, None
         if work.conv1d:
@@ -349,7 +376,7 @@ def _carried_module(work: ModuleWork, state: Extraction) -> Computed:
     row blocks; only then is each read whole)."""
 
     def produce(device):
-        changed = [p for p in work.pairs.values() if _differs(p)]
+        changed = [p for p in work.pairs.values() if _differs(p, state.workspace)]
         if not changed:
             return {}, None
         if work.module == "":

@@ -68,7 +68,7 @@ def truncate_lowrank(
     # float32 storage limit of the best rank-k approximation (a float32 QR adds ~1e-5 relative error).
     Qb, Rb = torch.linalg.qr(B.double())  # (out, m), (m, R)
     Qa, Ra = torch.linalg.qr(A.double().T)  # (in, p), (p, R)
-    U, S, Vh = _svd(Rb @ Ra.T)
+    U, S, Vh = deterministic_svd(Rb @ Ra.T)
     k = min(rank, S.numel())
     B_k = Qb @ (U[:, :k] * S[:k])
     A_k = Vh[:k] @ Qa.T
@@ -88,7 +88,7 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     Qb, Rb = torch.linalg.qr(B.double())
     Qa, Ra = torch.linalg.qr(A.double().T)
-    U, S, Vh = _svd(Rb @ Ra.T)
+    U, S, Vh = deterministic_svd(Rb @ Ra.T)
     return Qb @ U, S, Vh @ Qa.T
 
 
@@ -113,7 +113,7 @@ def svd_dense(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, f
         raise AdaptoolError(
             f"svd needs a 2-D delta, got shape {tuple(D.shape)}", "flatten conv kernels to (out, in*k*k) first"
         )
-    U, S, Vh = _svd(D.float())
+    U, S, Vh = deterministic_svd(D.float())
     k = min(rank, S.numel())
     # U * S equals PEFT's U @ diag(S) entry for entry, without the k x k matmul.
     return U[:, :k] * S[:k], Vh[:k], _energy(S, k)
@@ -145,7 +145,7 @@ def refactor(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, fl
     Q = torch.linalg.qr(D @ omega).Q
     for _ in range(POWER_ITERATIONS):
         Q = torch.linalg.qr(D @ torch.linalg.qr(D.T @ Q).Q).Q
-    U, S, Vh = _svd(Q.T @ D)
+    U, S, Vh = deterministic_svd(Q.T @ D)
     k = min(rank, S.numel())
     total = float(torch.linalg.vector_norm(D)) ** 2
     energy = float((S[:k] ** 2).sum()) / total if total > 0 else 1.0
@@ -193,7 +193,7 @@ def _quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(v_below, v_above, (pos - below).to(x.dtype))
 
 
-def _svd(M: torch.Tensor):
+def deterministic_svd(M: torch.Tensor):
     """Reduced SVD whose bits do not depend on the thread count.
 
     LAPACK's CPU SVD splits its work by thread, so 1 and 2 threads give different last bits, and a merge
