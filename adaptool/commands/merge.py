@@ -129,7 +129,8 @@ def plan_lora_merge(recipe, folders, weights, base, inputs) -> tuple[Plan, dict,
             edits_for(f, base)
     overview = _plan_summary(recipe, folders, groups, spec, base)
     if recipe.output.kind == "adapter":
-        modules = [_merged_module(g, spec, output_dtype(recipe, folders)) for g in groups.values()]
+        dtype = output_dtype(recipe, folders)
+        modules = [_merged_module(g, spec, dtype) for g in groups.values()]
         plan = adapter_plan(recipe, folders, modules, inputs)
     else:
         plan = model_plan(recipe, folders, _fold_edits(folders, groups, dora, spec, base), base, inputs)
@@ -232,7 +233,9 @@ def _merged_module(g: ModuleGroup, spec, dtype) -> Computed:
             tensors[f"{key}.lora_B.bias"] = bias
         return tensors, (c.energy if c.truncated else None)
 
-    return Computed(g.path, produce, dtype, nbytes_estimate=0)
+    io = _module_io(first.adapter, first)
+    rank = output_rank(g.ranks, spec.strategy, spec) or max(g.ranks)
+    return Computed(g.path, produce, dtype, nbytes_estimate=rank * (io[0] + prod(io[1:])) * dtype.itemsize)
 
 
 def _fold_edits(folders, groups, dora, spec, base) -> list:

@@ -320,4 +320,6 @@ def _slot_module(s: _Slot, spec, dtype) -> Computed:
             tensors[f"{key}.lora_B.bias"] = bias
         return tensors, energy
 
-    return Computed(s.path, produce, dtype)
+    out_f, in_f = _slot_io(s)
+    rank = min(spec.rank or 1, out_f, in_f)
+    return Computed(s.path, produce, dtype, nbytes_estimate=rank * (out_f + in_f) * dtype.itemsize)
