@@ -50,10 +50,19 @@ class Adapter(Protocol):
         """Tensor ``name`` as stored (dtype and shape), a CPU tensor the caller owns (it may change it in place)."""
         ...
 
+    def view(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored, viewing the adapter's buffer: read it, never change it (no copy)."""
+        ...
+
     def sha256(self) -> str:
         """Hex digest of the adapter's bytes (for provenance)."""
         ...
 
-    def check_finite(self) -> None:
-        """Raise :class:`~adaptool.errors.AdaptoolError` naming the first tensor holding NaN or Inf."""
+    def sha256_soon(self) -> None:
+        """Start computing :meth:`sha256` on a thread of its own (it then waits for that)."""
+        ...
+
+    def check_finite(self, names=None) -> None:
+        """Raise :class:`~adaptool.errors.AdaptoolError` naming the first tensor holding NaN or Inf (of ``names``
+        when given, else of all)."""
         ...

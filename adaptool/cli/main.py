@@ -4,6 +4,10 @@
     2    a problem with the input or the usage (one line; usage errors show Typer's usage text)
     129  SIGHUP, 130 SIGINT (Ctrl-C), 143 SIGTERM: the temporary output removed, a one-line message
     1    a bug (one line; the traceback with --debug)
+
+``--debug`` may stand anywhere before a ``--`` (``adaptool --debug merge r.yaml`` or ``adaptool merge r.yaml
+--debug``): it is taken out of the arguments here, before Typer parses them, and prints the traceback above the
+one-line error; the exit code stays the one above.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import signal
 import stat
 import sys
+import traceback
 from contextlib import contextmanager
 
 import typer
@@ -100,13 +105,27 @@ def _silence_stdout() -> None:
         pass
 
 
+def split_debug(args: list[str]) -> tuple[list[str], bool]:
+    """``args`` without ``--debug`` (wherever it stands before a ``--``), and whether it was there."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return kept, len(kept) != len(args)
+
+
+def _show_traceback(debug: bool) -> None:
+    if debug:
+        try:
+            traceback.print_exc()
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with the code that tells the truth (see the module docstring)."""
     from adaptool.cli.app import app
     from adaptool.errors import AdaptoolError
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    args, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if _stdout_closed():
         _fail(f"error: stdout is a closed pipe, so the result could not be reported; {NOTHING_WRITTEN}", 2)
     try:
@@ -118,14 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail(f"interrupted: {NOTHING_WRITTEN}", 130)
     except AdaptoolError as e:
-        if debug:
-            raise
+        _show_traceback(debug)
         _fail(f"error: {e.line()}", e.exit_code)
     except BrokenPipeError:
         _fail("error: stdout was closed before the summary was printed (the output itself is complete)", 2)
     except OSError as e:  # disk full, permissions, a file vanishing mid-run: the user's to fix, not a bug
-        if debug:
-            raise
+        _show_traceback(debug)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         _fail(f"error: {e.strerror or e}{where}; {NOTHING_WRITTEN} "
               "(free disk space, check permissions, or choose another -o)", 2)
@@ -136,8 +153,23 @@ def main(argv: list[str] | None = None) -> None:
         if _usage_error(e):
             e.show()
             sys.exit(2)
-        if debug:
-            raise
+        _show_traceback(debug)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _fail(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback, and please report it)", 1)
-    sys.exit(result if isinstance(result, int) else 0)
+        ask = "please report it" if debug else "rerun with --debug for the traceback, and please report it"
+        _fail(f"internal error: {type(e).__name__}: {first} ({ask})", 1)
+    code = result if isinstance(result, int) else 0
+    if argv is None and code == 0:
+        _exit_at_once()
+    sys.exit(code)
+
+
+def _exit_at_once() -> None:
+    """A finished run of the command line ends here, everything written, closed and reported: skip the
+    interpreter's teardown, which frees every tensor and mapping one by one (0.5 s after a 1.6 GB resize)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        _silence_stdout()
+        sys.exit(0)
+    os._exit(0)

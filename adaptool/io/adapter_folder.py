@@ -85,12 +85,26 @@ class AdapterFolder:
             self._sha256 = stream_sha256(self.weights, prefix) if self.pickled is not None else self._bytes().sha256()
         return self._sha256
 
-    def check_finite(self) -> None:
-        """Refuse an adapter with NaN/Inf in any tensor, naming the first (checked once, from the same buffer).
+    def sha256_soon(self) -> None:
+        if self.pickled is None and self._sha256 is None:
+            self._bytes().sha256_soon()
+
+    def view(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored, viewing the file's buffer (read it, never change it)."""
+        return self._view(name)
+
+    def check_finite(self, names=None) -> None:
+        """Refuse an adapter with NaN/Inf in any tensor (of ``names`` when given), naming the first (from the same
+        buffer; all of them checked once).
 
         Raises:
             AdaptoolError: ``<source>: tensor <name> contains NaN or Inf``.
         """
+        if names is not None:
+            bad = first_non_finite((n, self._view(n)) for n in names)
+            if bad:
+                raise non_finite_error(self.source, bad)
+            return
         if self._non_finite is None:
             self._non_finite = first_non_finite((n, self._view(n)) for n in self.names) or ""
         if self._non_finite:

@@ -449,3 +449,63 @@ def test_existing_target_needs_force(designed, tmp_path):
     assert (out / "keep.txt").read_text() == "x"
     resize(str(designed), out, rule(rank=2), force=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------- non-finite and overflow
+
+
+def _rewrite_factor(adapter: Path, out: Path, key_part: str, change) -> Path:
+    """A copy of ``adapter`` whose first tensor with ``key_part`` in its name is changed by ``change``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    name = sorted(n for n in tensors if key_part in n)[0]
+    tensors[name] = change(tensors[name].clone())
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("key_part, bad", [("lora_A", float("nan")), ("lora_B", float("inf")),
+                                           ("lora_B", -float("inf"))])
+def test_non_finite_factor_is_named(llama_base, tmp_path, dtype, key_part, bad):
+    """The factors' finiteness is read off their Gram matrices: a NaN/Inf anywhere still ends in one line naming
+    the tensor, exit 2, nothing written."""
+    adapter = make_adapter(llama_base, tmp_path / "a", dtype=dtype, r=8, target_modules=TARGETS)
+
+    def poison(t):
+        t.view(-1)[t.numel() // 2 + 3] = bad
+        return t
+
+    broken = _rewrite_factor(adapter, tmp_path / "broken", key_part, poison)
+    target = tmp_path / "out"
+    before = snapshot(broken)
+    rc, out, err = run_cli("resize", str(broken), "-o", str(target), "--rank", "4")
+    assert_refused(rc, out, err, target, before, 2, "contains NaN or Inf", key_part)
+
+
+def test_float32_gram_overflow_takes_float64(llama_base, tmp_path):
+    """Finite float32 factors whose squares overflow a float32 Gram matrix (|x| ~ 1e20) are resized exactly
+    through the float64 route (and --dtype bfloat16 asks for the float32 route first)."""
+    adapter = make_adapter(llama_base, tmp_path / "a", dtype=torch.float32, r=8, target_modules=["q_proj"])
+    huge = _rewrite_factor(adapter, tmp_path / "huge", "lora_B", lambda t: t * 1e20)
+    from safetensors.torch import load_file
+
+    from adaptool.strategies.best_rank import NON_FINITE
+
+    factors = load_file(huge / "adapter_model.safetensors")
+    b = next(t for n, t in factors.items() if "lora_B" in n)
+    a = next(t for n, t in factors.items() if "lora_A" in n)
+    assert gram_svd(b, a, 2.0, torch.float32) is NON_FINITE  # the float32 route really overflows
+    deltas = peft_deltas(llama_base, huge)
+    for dtype, tol in (("bfloat16", 1e-2), ("float32", 1e-5)):
+        summary = resize(str(huge), tmp_path / dtype, rule(rank=4), dtype=dtype)
+        assert summary["rank_out"] == [4, 4]
+        out = peft_deltas(llama_base, tmp_path / dtype)
+        for path, D in deltas.items():
+            U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+            best = (U[:, :4] * S[:4]) @ Vh[:4]
+            assert float((out[path] - best).norm() / best.norm()) < tol, (dtype, path)
