@@ -4,13 +4,15 @@ devices, threads, memory accounting and progress.
 Base tensors stream: for every planned file the header is written first (the plan fixes every name, dtype
 and shape), then each tensor is either copied byte-for-byte by the kernel (untouched, same dtype) or read in
 row blocks, edited in float32 on the compute device, rounded once, and appended by a writer thread, so disk
-and math overlap while at most a handful of blocks are in memory. Computed tensors (merged factors) are
+and math overlap while at most a handful of blocks are in memory (a tensor replaced whole by one of another
+shape, a resized vocabulary, comes from the replacement alone). Computed tensors (merged factors) are
 produced on the device, checked, moved to the CPU and written sorted by name. Nothing written is NaN/Inf.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import resource
 import time
@@ -24,9 +26,10 @@ import torch
 
 from adaptool.errors import AdaptoolError
 from adaptool.io.safetensors_file import dtype_code, open_regular, prefetch, read_block, torch_dtype
+from adaptool.io.weights_buffer import all_finite
 from adaptool.io.writer import OutputTensor, ShardWriter
 from adaptool.output.target import AtomicDir
-from adaptool.plan import Plan, PlannedFile
+from adaptool.plan import Computed, Plan, PlannedFile
 
 WRITE_QUEUE = 4
 BLOCK_ELEMS = 1 << 21  # ~8 MB of float32 per row block: the math stays in cache on a CPU
@@ -50,9 +53,11 @@ class EngineStats:
     retention: list = field(default_factory=list, repr=False)
     energies: list = field(default_factory=list, repr=False)
     written: dict = field(default_factory=dict, repr=False)
+    # every tensor file written: its path in the output -> (size in bytes, sha256 hex), for the manifest
+    file_digests: dict = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("retention", "energies", "written")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("retention", "energies", "written", "file_digests")}
         if self.worst_retention:
             d["worst_retention"] = {"tensor": self.worst_retention[0], "retention": self.worst_retention[1]}
         return d
@@ -108,7 +113,7 @@ def run(plan: Plan, out_dir: Path, device: torch.device, on_progress: Callable[[
                 path = out_dir / planned.name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if planned.computed:
-                    _write_computed(planned, path, device, stats, on_progress)
+                    _write_computed(planned, path, device, stats, on_progress, threads)
                 else:
                     _write_streamed(planned, path, device, stats, pool, on_progress, measure_retention)
     finally:
@@ -134,7 +139,7 @@ def _write_streamed(planned: PlannedFile, path: Path, device, stats: EngineStats
             writes.popleft().result()
 
     handles: dict[Path, object] = {}
-    writer = ShardWriter(path, [t.out for t in planned.tensors], planned.metadata)
+    writer = ShardWriter(path, [t.out for t in planned.tensors], planned.header_metadata())
     try:
         for i, t in enumerate(planned.tensors):
             info = t.source
@@ -167,22 +172,15 @@ def _write_streamed(planned: PlannedFile, path: Path, device, stats: EngineStats
             fh.close()
 
 
-def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats, on_progress) -> None:
-    """Produce every computed tensor on ``device``, check it, then write the file sorted by name."""
+def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats, on_progress, cores: int) -> None:
+    """Produce every computed tensor on ``device`` (``cores``: the CPU threads it may use; nothing is written
+    meanwhile), check it, then write the file sorted by name."""
     tensors: dict[str, torch.Tensor] = {}
     high_water = peak_rss_bytes()
-    for c in planned.computed:
-        produced, energy = c.produce(device)
+    for c, (produced, energy, nbytes) in _produced(planned.computed, device, cores):
         if energy is not None:
             stats.energies.append((c.label, energy))
-        nbytes = 0
-        for name, t in produced.items():
-            if c.dtype is not None:
-                t = t.to(c.dtype)
-            if t.is_floating_point() and not _all_finite(t):
-                raise AdaptoolError(f"merging {c.label} produced NaN or Inf", "check the adapters and weights")
-            tensors[name] = t.cpu().contiguous()
-            nbytes += t.numel() * t.element_size()
+        tensors.update(produced)
         if on_progress:
             on_progress(nbytes)
         if peak_rss_bytes() > high_water:  # only when the heap grew: a trim per module costs seconds on 560
@@ -190,7 +188,7 @@ def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats
             high_water = peak_rss_bytes()
     names = sorted(tensors)
     writer = ShardWriter(path, [OutputTensor(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in names],
-                         planned.metadata)
+                         planned.header_metadata())
     try:
         for n in names:
             writer.write_tensor(n, tensors[n])
@@ -201,6 +199,43 @@ def _write_computed(planned: PlannedFile, path: Path, device, stats: EngineStats
     stats.written.update({n: tuple(tensors[n].shape) for n in names})
     stats.tensors_total += len(names)
     stats.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _produced(computed: list[Computed], device, cores: int):
+    """``(item, (tensors on the CPU, energy, bytes))`` for each computed item, in order. On a CPU, items marked
+    ``concurrent`` run on a thread per core with one BLAS thread each (the others in this thread, in their turn):
+    small matrix products and LAPACK calls scale better across items than inside one, no OpenMP team spins
+    against another busy thread (a digest being computed), and a product's bits do not depend on the core count."""
+    if device.type != "cpu" or cores <= 1 or sum(c.concurrent for c in computed) < 2:
+        for c in computed:
+            yield c, _checked(c, device)
+        return
+    threads = torch.get_num_threads()
+    # a thread's BLAS/OpenMP thread count is its own: set it in each worker too
+    pool = ThreadPoolExecutor(cores, thread_name_prefix="adaptool-compute", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    torch.set_num_threads(1)
+    try:
+        futures = [pool.submit(_checked, c, device) if c.concurrent else None for c in computed]
+        for c, future in zip(computed, futures):
+            yield c, (future.result() if future is not None else _checked(c, device))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # an error or Ctrl-C: the queued items never start
+        torch.set_num_threads(threads)
+
+
+def _checked(c: Computed, device) -> tuple[dict, float | None, int]:
+    """One computed item produced, converted to its dtype, checked finite and moved to the CPU."""
+    produced, energy = c.produce(device)
+    out, nbytes = {}, 0
+    for name, t in produced.items():
+        if c.dtype is not None:
+            t = t.to(c.dtype)
+        if t.is_floating_point() and not _all_finite(t):
+            raise AdaptoolError(f"merging {c.label} produced NaN or Inf", "check the adapters and weights")
+        out[name] = t.cpu().contiguous()
+        nbytes += t.numel() * t.element_size()
+    return out, energy, nbytes
 
 
 def _release_freed_memory() -> None:
@@ -222,6 +257,8 @@ def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_rete
     out_dtype = torch_dtype(out.dtype)
     if eds:
         stats.tensors_changed += 1
+    if tuple(out.shape) != tuple(info.shape):
+        return _stream_replacement(info.name, out, eds, device, emit)
     fns = [e.prepare(device) for e in eds]
     stats.energies += [kept for e in eds if (kept := getattr(e, "energy_kept", None))]
     n_rows = info.shape[0] if info.shape else 1
@@ -258,14 +295,32 @@ def _stream_tensor(src, info, out, eds, device, stats: EngineStats, measure_rete
         stats.retention.append((info.name, max(0.0, 1.0 - (lost2 / intended2) ** 0.5)))
 
 
+def _stream_replacement(name: str, out, eds, device, emit) -> None:
+    """A tensor replaced whole by one of another shape (a resized vocabulary; the plan makes the replacement its
+    only edit): its rows rounded once and emitted in blocks, nothing of the base tensor read."""
+    out_dtype = torch_dtype(out.dtype)
+    fns = [e.prepare(device) for e in eds]
+    n_rows = out.shape[0]
+    block = max(1, (BLOCK_ELEMS_CUDA if device.type == "cuda" else BLOCK_ELEMS) // max(1, math.prod(out.shape[1:])))
+    for start in range(0, n_rows, block):
+        stop = min(n_rows, start + block)
+        w = None
+        for fn in fns:
+            w = fn(w, None, start, stop)
+        rounded = w.to(out_dtype)
+        if not _all_finite(rounded):
+            _blame_non_finite(name, None, eds, out_dtype, w)
+        emit(rounded.cpu())
+
+
 def _all_finite(x) -> bool:
-    """No NaN/Inf in ``x``: one float32 sum first (NaN/Inf whenever an element is), the full check only when the
-    sum is not finite (it may overflow on its own)."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+    """No NaN/Inf in ``x``: its min and max are finite exactly when every element is (both propagate NaN); one
+    pass with no temporary, 3x faster than a float32 sum of bf16 and 50x faster than ``isfinite(x).all()``."""
+    return all_finite(x)
 
 
 def _blame_non_finite(name: str, w0, eds, out_dtype, w=None) -> None:
-    if not bool(torch.isfinite(w0).all()):
+    if w0 is not None and not bool(torch.isfinite(w0).all()):
         raise AdaptoolError(f"base tensor {name} contains NaN or Inf", "repair the base checkpoint")
     sources = ", ".join(sorted({e.source for e in eds}))
     if w is not None and not bool(torch.isfinite(w).all()):

@@ -36,6 +36,7 @@ from adaptool.io.checkpoint import Checkpoint
 from adaptool.io.hub import BASE_PATTERNS, resolve
 from adaptool.io.inputs import input_paths
 from adaptool.io.safetensors_file import FLOAT_CODES, TensorInfo, load_tensor, open_regular, read_block, torch_dtype
+from adaptool.io.weights_buffer import all_finite
 from adaptool.output.adapter_folder import PEFT_PREFIX
 from adaptool.output.provenance import metadata
 from adaptool.output.target import preflight
@@ -273,7 +274,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _finite(x: torch.Tensor) -> bool:
-    return not x.is_floating_point() or bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+    return not x.is_floating_point() or all_finite(x)
 
 
 def _blame_non_finite(pair: Pair) -> None:
@@ -390,8 +391,8 @@ def _carried_module(work: ModuleWork, state: Extraction) -> Computed:
             out[PEFT_PREFIX + p.name] = t.to(state.dtype_of(p.tuned))
             if p.base.shape != p.tuned.shape:
                 state.notes.append(f"{p.name} has shape {list(p.base.shape)} in BASE and {list(p.tuned.shape)} in "
-                                   "TUNED: carried whole (resize the base's embeddings to match before loading it in "
-                                   "PEFT; adaptool unload does not apply a resized tensor yet)")
+                                   "TUNED: carried whole (adaptool unload applies it and updates vocab_size; PEFT "
+                                   "needs the base's embeddings resized to match first)")
         state.carried += [p.name for p in work.pairs.values()]
         state.carried_modules.add(work.module)
         return out, None

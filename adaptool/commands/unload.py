@@ -1,7 +1,9 @@
 """``unload``: fold adapters into a base checkpoint and write a plain model.
 
 The planner: open the inputs, turn every adapter into edits of base tensors (:func:`adaptool.adapters.edits_for`),
-and plan the base's shards with those edits; the engine writes them and the model-folder sink the rest.
+and plan the base's shards with those edits; the engine writes them and the model-folder sink the rest. A saved
+embedding/lm_head of another vocabulary size replaces the base's tensor with its own shape, and ``vocab_size``
+in config.json follows (:mod:`adaptool.plan.model`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from adaptool.output.model_folder import ModelFolder
 from adaptool.output.provenance import metadata, model_card
 from adaptool.output.target import preflight
 from adaptool.plan import Plan
-from adaptool.plan.model import model_files
+from adaptool.plan.model import model_files, vocabulary_change
 from adaptool.plan.resolve import group_edits
 from adaptool.plan.replication import replicate, replication_ranges
 
@@ -86,6 +88,10 @@ def unload(
     dev = resolve_device(device)
     with collected_notes() as notes:
         base, plan = plan_unload(base, adapters, output, force, out_dtype)
+    change = vocabulary_change(plan.files)
+    if change is not None:
+        notes.append(f"the vocabulary is resized from {change[0]} to {change[1]} rows and config.json's vocab_size "
+                     "follows; the tokenizer files are the base's: use the tokenizer the adapter was trained with")
     stats = execute(plan, Path(output), force, dev, on_start, on_progress)
     return {"output": str(output), "base": base, "adapters": list(adapters), "device": str(dev), "notes": notes,
             **plan.sink.summary(stats)}

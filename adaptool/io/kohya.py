@@ -17,6 +17,10 @@ Scale: kohya and LyCORIS use ``alpha / r``, with alpha taken as r when the ``.al
 LoKr with both factors whole uses scale 1 whatever alpha says (LyCORIS's rule; PEFT would use alpha/r, so
 such modules get r = alpha = 1 here). The synthetic config states every module's r and alpha through
 ``rank_pattern``/``alpha_pattern`` keyed by its exact path, so the PEFT families fold it unchanged.
+
+Orientation: kohya factors are (out, in) like ``nn.Linear``; on a base whose 2-D weights are GPT-2 ``Conv1D``
+(stored (in, out)) the synthetic config says ``fan_in_fan_out``, so a square weight is not taken the wrong way.
+``alphas`` keeps each module's ``.alpha`` tensor (its dtype and shape), for ``convert`` to give it back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from adaptool.adapters.config import AdapterConfig, parse_config
+from adaptool.adapters.layout import base_layout
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import Checkpoint
 from adaptool.io.safetensors_file import TensorInfo, read_header
@@ -73,6 +78,7 @@ class KohyaAdapter:
         infos (dict[str, TensorInfo]): tensors by PEFT-style name (base module path + PEFT suffix).
         modules (dict[str, str]): kohya module name -> base module path.
         settings (AdapterConfig): ``config`` parsed (source: the file).
+        alphas (dict[str, TensorInfo]): base module path -> its ``.alpha`` tensor (modules without one absent).
     """
 
     source: str
@@ -82,6 +88,7 @@ class KohyaAdapter:
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
     settings: AdapterConfig | None = field(default=None, repr=False, compare=False)
+    alphas: dict[str, TensorInfo] = field(default_factory=dict, repr=False, compare=False)
     buffer: WeightsBuffer | None = field(default=None, repr=False, compare=False)
     _non_finite: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -111,16 +118,29 @@ class KohyaAdapter:
         """Tensor ``name`` as stored (a copy out of the file's buffer: the caller may change it)."""
         return self.buffer.tensor(self.infos[name])
 
+    def view(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored, viewing the file's buffer (read it, never change it)."""
+        return self.buffer.view(self.infos[name])
+
     def sha256(self) -> str:
         """Hex digest of the file's bytes."""
         return self.buffer.sha256()
 
-    def check_finite(self) -> None:
-        """Refuse a file with NaN/Inf in any tensor, naming the first (checked once, from the same buffer).
+    def sha256_soon(self) -> None:
+        self.buffer.sha256_soon()
+
+    def check_finite(self, names=None) -> None:
+        """Refuse a file with NaN/Inf in any tensor (of ``names`` when given), naming the first (from the same
+        buffer; all of them checked once).
 
         Raises:
             AdaptoolError: ``<source>: tensor <name> contains NaN or Inf``.
         """
+        if names is not None:
+            bad = first_non_finite((n, self.buffer.view(self.infos[n])) for n in names)
+            if bad:
+                raise non_finite_error(self.source, bad)
+            return
         if self._non_finite is None:
             self._non_finite = first_non_finite((n, self.buffer.view(self.infos[n])) for n in self.names) or ""
         if self._non_finite:
@@ -185,7 +205,10 @@ def open_kohya(path: Path, base: Checkpoint | None, source: str | None = None) -
                                 "remove the duplicate module from the file")
         seen[target], modules[kname] = kname, target
     config, renamed = _config(source, family, groups, modules, buffer)
-    return KohyaAdapter(source, path.parent, config, path, renamed, modules, buffer=buffer)
+    if base_layout(base) is True:  # kohya factors are (out, in); a GPT-2 Conv1D base stores its weights (in, out)
+        config["fan_in_fan_out"] = True
+    alphas = {modules[k]: tensors[ALPHA] for k, (tensors, _) in groups.items() if ALPHA in tensors}
+    return KohyaAdapter(source, path.parent, config, path, renamed, modules, buffer=buffer, alphas=alphas)
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -79,12 +79,18 @@ class DoraRescale:
 
 @dataclass
 class Replace:
-    """The whole tensor replaced (``modules_to_save``, ``bias='all'``, a saved ``base_layer`` weight)."""
+    """The whole tensor replaced (``modules_to_save``, ``bias='all'``, a saved ``base_layer`` weight).
+
+    ``shape``: the replacement's shape where it is not the base tensor's (a resized vocabulary: other rows, the
+    same row size), None where it is. The function ignores ``w`` and ``w0``, so a replacement of another shape
+    needs neither: the engine calls it with None for both (see :attr:`adaptool.plan.FromBase.shape`).
+    """
 
     target: str
     source: str
     value: Callable[[torch.device], torch.Tensor]
     row_wise: bool = True
+    shape: tuple[int, ...] | None = None
 
     def prepare(self, device) -> RowFn:
         value = self.value(device).to(torch.float32)

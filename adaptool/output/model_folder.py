@@ -1,8 +1,8 @@
 """The model-folder sink: what a plain model needs besides its shards.
 
 The engine has written the planned shards; this adds the index (when the base was sharded), the base's
-config and tokenizer files (``torch_dtype`` updated), the expanded layer count of a replicated base, and a
-model card.
+config and tokenizer files (``torch_dtype`` updated), the expanded layer count of a replicated base, the new
+``vocab_size`` of a resized vocabulary, and a model card.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import INDEX_NAME, Checkpoint
 from adaptool.io.side_files import copy_side_files
+from adaptool.plan.model import vocabulary_change
 from adaptool.plan.replication import ReplicatedCheckpoint, update_config
 
 
@@ -42,6 +44,9 @@ class ModelFolder:
         copy_side_files(self.base.root, folder, dtype_name(self.out_dtype))
         if isinstance(self.base, ReplicatedCheckpoint):
             update_config(folder / "config.json", self.base)
+        change = vocabulary_change(plan.files)
+        if change is not None:
+            update_vocab_size(folder / "config.json", *change)
         (folder / "README.md").write_text(self.card(stats.as_dict()))
 
     def summary(self, stats) -> dict:
@@ -51,6 +56,28 @@ class ModelFolder:
         return summary
 
 
+def update_vocab_size(path: Path, old: int, new: int) -> None:
+    """The resized vocabulary in an output ``config.json``: every ``vocab_size`` equal to the old row count, at the
+    top or in a nested config (``text_config``), becomes ``new``. Where none equals it (rows padded beyond
+    ``vocab_size``) the text config's is set, as transformers' ``resize_token_embeddings`` does."""
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdaptoolError(f"config.json of the base: invalid JSON ({e})", "repair the file") from None
+    if not isinstance(data, dict):
+        raise AdaptoolError("config.json of the base is not a JSON object", "repair the file")
+    configs = [data, *(v for v in data.values() if isinstance(v, dict))]
+    found = [c for c in configs if c.get("vocab_size") == old]
+    if not found:
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+        found = [c for c in (text, data) if "vocab_size" in c][:1]
+    for c in found:
+        c["vocab_size"] = new
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def write_index(folder: Path, plan) -> None:
     """``model.safetensors.index.json`` naming each tensor's file, with the shards' metadata."""
     weight_map, total = {}, 0
@@ -58,6 +85,6 @@ def write_index(folder: Path, plan) -> None:
         for t in planned.tensors:
             weight_map[t.out.name] = planned.name
             total += t.out.nbytes
-    metadata = plan.files[0].metadata if plan.files else {}
+    metadata = plan.files[0].header_metadata() if plan.files else {}
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

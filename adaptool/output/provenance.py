@@ -25,6 +25,14 @@ def metadata(command: str, base: str | None, adapters: list, extra: dict | None 
     return meta
 
 
+def deferred_metadata(command: str, base: str | None, adapters: list, extra: dict | None = None):
+    """:func:`metadata` as a function to call when the header is written; the adapters' digests start now, each
+    on a thread of its own, and overlap the work until then."""
+    for a in adapters:
+        a.sha256_soon()
+    return lambda: metadata(command, base, adapters, extra)
+
+
 def model_card(title: str, command: str, base: str | None, adapters: list, stats: dict | None = None,
                recipe_yaml: str | None = None) -> str:
     lines = ["---"]

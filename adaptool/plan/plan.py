@@ -4,7 +4,8 @@ A tensor is produced in one of three ways:
 
 * :class:`FromBase` without edits: a base tensor copied byte for byte (file to file, by the kernel), or
   converted to the output dtype;
-* :class:`FromBase` with edits: a base tensor read in row blocks, edited in float32, rounded once;
+* :class:`FromBase` with edits: a base tensor read in row blocks, edited in float32, rounded once (or, replaced
+  whole by a tensor of another shape, written from the replacement alone);
 * :class:`Computed`: tensors computed from the inputs (one module's merged factors, a carried
   ``modules_to_save`` tensor), whose shapes may only be known once computed.
 
@@ -27,19 +28,29 @@ from adaptool.io.writer import OutputTensor
 @dataclass(frozen=True)
 class FromBase:
     """Output tensor ``source.name``: the base tensor ``source`` in dtype ``dtype`` (a safetensors code), after
-    ``edits`` (:mod:`adaptool.ops.edits`, applied in order; none: a copy)."""
+    ``edits`` (:mod:`adaptool.ops.edits`, applied in order; none: a copy).
+
+    ``shape``: the output's shape where it is not the base tensor's, None where it is. Only a whole-tensor
+    replacement of another shape (a resized vocabulary) makes one, and it is then the tensor's only edit: the
+    header is sized from it and nothing of the base tensor is read.
+    """
 
     source: TensorInfo
     dtype: str
     edits: tuple = ()
+    shape: tuple[int, ...] | None = None
 
     @property
     def out(self) -> OutputTensor:
-        return OutputTensor(self.source.name, self.dtype, self.source.shape)
+        return OutputTensor(self.source.name, self.dtype, self.source.shape if self.shape is None else self.shape)
+
+    @property
+    def resized(self) -> bool:
+        return self.shape is not None and tuple(self.shape) != tuple(self.source.shape)
 
     @property
     def is_copy(self) -> bool:
-        return not self.edits and self.dtype == self.source.dtype
+        return not self.edits and self.dtype == self.source.dtype and not self.resized
 
 
 @dataclass(frozen=True)
@@ -48,23 +59,34 @@ class Computed:
 
     ``produce(device)`` returns ``(tensors, energy)``: output name -> tensor (any device), and the share of
     energy a rank cut kept (None: no cut). The engine converts each tensor to ``dtype`` (None: as produced),
-    checks it is finite and moves it to the CPU.
+    checks it is finite and moves it to the CPU. ``concurrent``: ``produce`` shares no scratch state with the
+    file's other computed items, so on a CPU the engine may run several at once, one core each.
     """
 
     label: str
     produce: Callable
     dtype: object = None  # torch.dtype | None
     nbytes_estimate: int = 0
+    concurrent: bool = False
 
 
 @dataclass
 class PlannedFile:
-    """One safetensors file of the output: ``name`` is its path inside the output folder."""
+    """One safetensors file of the output: ``name`` is its path inside the output folder.
+
+    ``metadata``: the header's ``__metadata__``, or a function giving it, called when the header is written (a
+    file of computed tensors writes it last, so the inputs' digests may be computed meanwhile).
+    """
 
     name: str
-    metadata: dict[str, str]
+    metadata: dict[str, str] | Callable[[], dict[str, str]]
     tensors: list[FromBase] = field(default_factory=list)
     computed: list[Computed] = field(default_factory=list)
+
+    def header_metadata(self) -> dict[str, str]:
+        if callable(self.metadata):
+            self.metadata = self.metadata()
+        return self.metadata
 
     @property
     def nbytes_estimate(self) -> int:

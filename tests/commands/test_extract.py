@@ -297,6 +297,71 @@ def test_resized_vocabulary_is_carried(llama_base, tmp_path):
     assert sum("has shape [256, 64] in BASE and [260, 64] in TUNED" in n for n in summary["notes"]) == 2
 
 
+def resized(tensors: dict, names, like: Path, out: Path, rows: int = 4) -> Path:
+    """A checkpoint of ``tensors`` with ``rows`` new tokens appended to each of ``names`` and ``vocab_size`` following."""
+    g = torch.Generator().manual_seed(3)
+    tensors = dict(tensors)
+    for name in names:
+        t = tensors[name]
+        tensors[name] = torch.cat([t, (0.02 * torch.randn(rows, t.shape[1], generator=g)).to(t.dtype)])
+    save_checkpoint(tensors, like, out)
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] += rows
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_resized_vocabulary_round_trip(llama_base, tuned_llama, tmp_path):
+    """TUNED = low-rank changes, a changed norm and 4 new tokens (embedding and head resized, vocab_size 260):
+    ``unload BASE+extracted`` gives TUNED back, config included, and PEFT (on the base resized first) computes it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = resized(load_output(tuned_llama), ("model.embed_tokens.weight", "lm_head.weight"), llama_base,
+                    tmp_path / "tuned")
+    tensors = load_output(tuned)
+    lora = tmp_path / "lora"
+    rc, stdout, stderr = run_cli("extract", str(llama_base), str(tuned), "-o", str(lora), "--rank", "4", "--json")
+    assert rc == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["carried"] == sorted([NORM, "lm_head.weight", "model.embed_tokens.weight"])
+    assert summary["rank_out"] == [4, 4] and sum("adaptool unload applies it" in n for n in summary["notes"]) == 2
+    merged = unload_to(llama_base, lora, tmp_path / "model")
+    assert set(merged) == set(tensors) and merged["lm_head.weight"].shape == (260, 64)
+    for name, t in tensors.items():
+        if name.rsplit(".", 2)[-2] in SPECTRA:
+            torch.testing.assert_close(merged[name], t, rtol=0, atol=2e-7)  # float32 rounding of W + B A
+        else:
+            assert torch.equal(merged[name], t), name
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["vocab_size"] == 260
+    x = torch.randint(0, 260, (2, 12), generator=torch.Generator().manual_seed(0))
+    x[:, :4] = torch.arange(256, 260)
+    expected = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)(x).logits.detach()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)(x).logits.detach()
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32)
+    base.resize_token_embeddings(260)
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(base, lora)(x).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_resized_tied_vocabulary_round_trip(llama_tied_base, tmp_path):
+    """A tied model stores only its embedding: resized, it is carried, unloaded, and the head follows it."""
+    from transformers import AutoModelForCausalLM
+
+    tuned = resized(load_output(llama_tied_base), ("model.embed_tokens.weight",), llama_tied_base, tmp_path / "tuned")
+    summary = adaptool.extract(str(llama_tied_base), str(tuned), tmp_path / "lora", RankRule.from_options(rank=2))
+    assert summary["carried"] == ["model.embed_tokens.weight"] and summary["modules"] == []
+    merged = unload_to(llama_tied_base, tmp_path / "lora", tmp_path / "model")  # float32: bf16 values exactly
+    assert set(merged) == set(load_output(tuned)) and "lm_head.weight" not in merged
+    for name, t in load_output(tuned).items():
+        assert merged[name].dtype == torch.float32 and torch.equal(merged[name], t.float()), name
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["vocab_size"] == 260 and config["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    assert torch.equal(model.lm_head.weight, load_output(tuned)["model.embed_tokens.weight"].float())
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 

@@ -40,7 +40,10 @@ def test_cli_success_json_and_quiet_pipe(llama_base, lora, tmp_path):
     assert summary["output"] == str(out) and summary["tensors_changed"] == 4
     assert summary["bytes_written"] == sum(t.numel() * t.element_size() for t in load_output(out).values())
     assert summary["peak_rss_bytes"] > 0 and summary["seconds"] > 0
-    assert stderr.strip() == ""  # no progress bar on a pipe
+    # on a pipe: plain progress lines only (no bar, no escape codes), ending at 100%
+    lines = stderr.strip().splitlines()
+    assert lines and all(l.startswith("Writing: ") for l in lines) and "\x1b" not in stderr
+    assert "100%" in lines[-1]
 
 
 def test_existing_output_refused_then_forced(llama_base, lora, tmp_path):
