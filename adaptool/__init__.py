@@ -5,7 +5,7 @@ The public API is imported lazily so that ``adaptool --help`` never pays for tor
 
 from adaptool.version import __version__
 
-__all__ = ["__version__", "unload", "merge", "inspect", "resize", "extract", "AdaptoolError"]
+__all__ = ["__version__", "unload", "merge", "inspect", "resize", "extract", "align", "edit", "convert", "AdaptoolError"]
 
 
 def __getattr__(name):
@@ -29,6 +29,18 @@ def __getattr__(name):
         from adaptool.commands.extract import extract
 
         return extract
+    if name == "align":
+        from adaptool.commands.align import align
+
+        return align
+    if name == "edit":
+        from adaptool.commands.edit import edit
+
+        return edit
+    if name == "convert":
+        from adaptool.commands.convert import convert
+
+        return convert
     if name == "AdaptoolError":
         from adaptool.errors import AdaptoolError
 

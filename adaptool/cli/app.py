@@ -10,6 +10,7 @@ from adaptool.version import __version__
 from adaptool.cli.options import (AsJson, Base, Device, Dtype, Force, MaxRank, OptionalDevice, OptionalOutput, Output,
                                   Quiet, Rank, SvCumulative, SvFro, SvRatio)
 from adaptool.cli.render import report, report_inspect, run_with_progress
+from adaptool.cli.help_format import HELP_SETTINGS, PlainHelpGroup
 
 app = typer.Typer(
     name="adaptool",
@@ -17,7 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # help strings print literally ([@rev] stays), flags show no <bool>: see help_format.py
+    cls=PlainHelpGroup,
+    context_settings=HELP_SETTINGS,
 )
 
 
@@ -29,7 +32,8 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback above an error (also after the command: "
+                                                      "adaptool merge r.yaml --debug)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
     """``--debug`` is read by :func:`adaptool.cli.main.main` before the command runs."""
@@ -174,3 +178,109 @@ def extract(
                            device=device, force=force, on_start=on_start, on_progress=on_progress)
 
     report(run_with_progress(work, "Extracting", quiet), as_json, quiet)
+
+
+# ---------------------------------------------------------------------------------------------------- align
+from adaptool.cli.options import AlignRank  # noqa: E402
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool align ./lora-style-a ./lora-style-b ./lora-style-c -o aligned/\n\n"
+    "  adaptool align runs/*/final -o aligned/ --rank 32 --json\n\n"
+    "then: model.load_adapter('aligned/lora-style-a', adapter_name='default'); "
+    "model.load_adapter('aligned/lora-style-b', adapter_name='default', hotswap=True)"
+)
+def align(
+    adapters: list[str] = typer.Argument(..., metavar="ADAPTER ADAPTER…",
+                                         help="Two or more PEFT LoRA folders (or hub ids) of one base model."),
+    output: Output = ...,
+    rank: AlignRank = None,
+    dtype: Dtype = None,
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """Rewrite LoRAs to one rank, one config and one set of modules, so that hotswap swaps them plainly."""
+    from adaptool.commands.align import align as run_align
+
+    def work(on_start, on_progress):
+        return run_align(adapters, output, rank=rank, dtype=dtype, force=force, on_start=on_start,
+                         on_progress=on_progress)
+
+    report(run_with_progress(work, "Aligning", quiet), as_json, quiet)
+
+
+# ----------------------------------------------------------------------------------------------------- edit
+from adaptool.cli.options import Drop, Keep, Scale  # noqa: E402
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool edit ./my-lora -o lora-attn/ --keep 'self_attn'\n\n"
+    "  adaptool edit ./my-lora -o lora-blocks/ --scale 'layers\\.0\\.=0.5' --scale 'layers\\.1\\.=0.8'\n\n"
+    "  adaptool edit ./my-lora -o negated/ --scale=-1 --drop 'lm_head'"
+)
+def edit(
+    adapter: str = typer.Argument(..., help="The adapter to edit (PEFT folder or hub id)."),
+    output: Output = ...,
+    keep: Keep = None,
+    drop: Drop = None,
+    scale: Scale = None,
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """Keep or drop modules and scale their ΔW; the factors are copied bit for bit, scales go in the config."""
+    from adaptool.commands.edit import edit as run_edit
+
+    def work(on_start, on_progress):
+        return run_edit(adapter, output, keep=keep or [], drop=drop or [], scale=scale or [], force=force,
+                        on_start=on_start, on_progress=on_progress)
+
+    report(run_with_progress(work, "Editing", quiet), as_json, quiet)
+
+
+# -------------------------------------------------------------------------------------------------- convert
+from typing import Optional  # noqa: E402
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool convert ./my-lora -o my_lora.safetensors --to kohya\n\n"
+    "  adaptool convert ./my_lora.safetensors -o my-lora/ --to peft --base ./Llama-3.2-1B\n\n"
+    "  adaptool convert ./pissa-trained -o plain-lora/ --to peft --initial ./pissa-init"
+)
+def convert(
+    source: str = typer.Argument(..., metavar="INPUT",
+                                 help="A PEFT adapter folder, a kohya/LyCORIS .safetensors file, or a hub id."),
+    output: str = typer.Option(..., "-o", "--output",
+                               help="Output: a folder for --to peft, a .safetensors file for --to kohya (written atomically)."),
+    to: str = typer.Option(..., "--to", help="Output format: peft or kohya."),
+    base: Base = None,
+    initial: Optional[str] = typer.Option(None, "--initial", metavar="INITIAL_ADAPTER",
+                                          help="The adapter as saved at initialisation (PiSSA, OLoRA …): write the "
+                                               "plain LoRA for the original base."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="kohya name prefix (lora_, lora_unet_, lycoris_ …); "
+                                                                "default: the recorded one, else lora_."),
+    force: Force = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """Convert between PEFT and kohya/LyCORIS (factors bit for bit), or a PiSSA/OLoRA adapter into a plain LoRA."""
+    from adaptool.commands.convert import convert as run_convert
+
+    def work(on_start, on_progress):
+        return run_convert(source, output, to, base=base, initial=initial, prefix=prefix, force=force,
+                           on_start=on_start, on_progress=on_progress)
+
+    summary = run_with_progress(work, "Converting", quiet)
+    if as_json or quiet:
+        report(summary, as_json, quiet)
+        return
+    ranks = summary["ranks"]
+    typer.echo(f"wrote {summary['output']} ({summary['peft_type']} → {summary['to']}): "
+               f"{summary['modules']} modules, rank {ranks[0] if ranks[0] == ranks[1] else f'{ranks[0]}–{ranks[1]}'}, "
+               f"{summary['tensors_written']} tensors in {summary['seconds']:.2f} s")
+    for note in summary["notes"]:
+        typer.echo(f"note: {note}")

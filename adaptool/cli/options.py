@@ -9,8 +9,11 @@ import typer
 Output = Annotated[str, typer.Option("-o", "--output", help="Output folder (written atomically).")]
 OptionalOutput = Annotated[Optional[str], typer.Option("-o", "--output", help="Output folder (written atomically).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder, once the new one is complete.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the summary lines.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still print.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout instead of the summary "
+                                                     "lines (progress, if any, goes to stderr).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success: no progress, no summary, no "
+                                                             "warnings (with --json, only the JSON); errors still print "
+                                                             "their one line.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, float16, bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
 OptionalDevice = Annotated[Optional[str], typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
@@ -21,3 +24,11 @@ SvCumulative = Annotated[Optional[float], typer.Option("--sv-cumulative",
                                                        help="Smallest rank whose singular values sum to this share (0-1].")]
 SvRatio = Annotated[Optional[float], typer.Option("--sv-ratio", help="Keep singular values >= σ₁ / X.")]
 MaxRank = Annotated[Optional[int], typer.Option("--max-rank", help="Cap on every module's rank.")]
+AlignRank = Annotated[Optional[int], typer.Option(
+    "--rank", help="The common rank R (default: the largest input rank); inputs above it are cut to their best rank R.")]
+Keep = Annotated[Optional[list[str]], typer.Option(
+    "--keep", help="Keep only modules whose base name matches this regex (re.search; repeat for a union).")]
+Drop = Annotated[Optional[list[str]], typer.Option(
+    "--drop", help="Drop modules (and saved modules) whose base name matches this regex (repeatable).")]
+Scale = Annotated[Optional[list[str]], typer.Option(
+    "--scale", help="[REGEX=]X: multiply ΔW of matching modules by X (first match wins; split at the last '=').")]

@@ -1,15 +1,20 @@
 """The PEFT adapter-folder sink: ``adapter_config.json`` and a model card beside ``adapter_model.safetensors``.
 
 The config depends on what was computed (each module's rank is the rank its factors came out with), so it
-is built from the shapes the engine wrote.
+is built from the shapes the engine wrote. :class:`AdapterFolders` is the sink of an output that holds several
+adapter folders side by side (``align``): one temporary folder, one swap, each subfolder finished like a single
+adapter from the shapes of its own weights file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from adaptool.io.safetensors_file import read_header
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -49,6 +54,33 @@ class PeftAdapterFolder:
     def summary(self, stats) -> dict:
         summary = {"tensors_written": len(stats.written), "bytes_written": stats.bytes_written,
                    "rank": self.written_config.get("r"), "peak_rss_bytes": stats.peak_rss_bytes}
+        if stats.energy_kept():
+            summary["energy_kept"] = stats.energy_kept()
+        return summary
+
+
+@dataclass
+class AdapterFolders:
+    """Sink for several adapter folders in one output: ``parts[name]`` finishes subfolder ``name`` (whose weights
+    file the plan wrote as ``name/adapter_model.safetensors``).
+
+    The engine's ``stats.written`` is keyed by tensor name across all files, so each part is handed the shapes
+    read back from its own file's header instead.
+    """
+
+    parts: dict[str, PeftAdapterFolder]
+
+    def finish(self, folder: Path, plan, stats) -> None:
+        for name, part in self.parts.items():
+            infos, _ = read_header(folder / name / ADAPTER_WEIGHTS)
+            own = dataclasses.replace(stats, written={n: tuple(i.shape) for n, i in infos.items()})
+            part.finish(folder / name, plan, own)
+
+    def summary(self, stats) -> dict:
+        configs = [p.written_config for p in self.parts.values()]
+        summary = {"tensors_written": stats.tensors_total, "bytes_written": stats.bytes_written,
+                   "rank": configs[0].get("r") if configs else None, "folders": list(self.parts),
+                   "peak_rss_bytes": stats.peak_rss_bytes}
         if stats.energy_kept():
             summary["energy_kept"] = stats.energy_kept()
         return summary

@@ -96,6 +96,32 @@ def preflight(target: str | Path, force: bool, inputs: Iterable[str | Path] = ()
     return absolute
 
 
+def check_file_target(target: Path, force: bool) -> None:
+    """The rule for an output that is one file (a kohya/LyCORIS ``.safetensors``): an existing file, or a
+    symlink (only the link is ever replaced), is refused unless ``force``; a folder or anything that is not a
+    regular file is refused even with ``force``."""
+    target = Path(target)
+    if target.is_symlink():
+        if not force:
+            raise AdaptoolError(f"output path {target} is a symlink",
+                                "pass --force to replace the link (what it points to is left alone), or choose another -o")
+        return
+    if target.is_dir():
+        raise AdaptoolError(f"output path {target} is a folder, and this output is one file",
+                            "give a file path with -o, e.g. -o out/adapter.safetensors")
+    if target.exists() and not target.is_file():
+        raise AdaptoolError(f"output path {target} exists and is not a regular file", "choose another path with -o")
+    if target.exists() and not force:
+        raise AdaptoolError(f"output file {target} already exists", "pass --force to replace it, or choose another path with -o")
+
+
+def preflight_file(target: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """:func:`preflight` for a single-file output (:func:`check_file_target`). Returns the absolute target."""
+    absolute = check_output_path(target, inputs)
+    check_file_target(absolute, force)
+    return absolute
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -202,7 +228,7 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         check_output_path(self.raw, self.inputs)
-        check_target(self.target, self.force)
+        self._check_target()
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _try_lock(self.lock_path)
@@ -237,7 +263,7 @@ class AtomicDir:
         Interrupted half-way, the old target is put back and the new folder removed."""
         old = self.target.parent / f"{OLD_MARK}{_key(self.target.name)}-{os.getpid()}"
         try:
-            check_target(self.target, self.force)
+            self._check_target()
             if os.path.lexists(self.target):
                 os.rename(self.target, old)
             os.rename(self.tmp, self.target)
@@ -251,7 +277,39 @@ class AtomicDir:
             raise
         _remove_surely(old)
 
+    def _check_target(self) -> None:
+        check_target(self.target, self.force)
+
     def _release(self) -> None:
         if self._lock is not None:
             _unlock(self.lock_path, self._lock)
             self._lock = None
+
+
+class AtomicFile(AtomicDir):
+    """:class:`AtomicDir` for an output that is one file: the caller writes the file ``inner`` in the temporary
+    folder it yields; on success that file is renamed onto ``target`` (an atomic replace: an old file, or with
+    ``force`` a symlink, is swapped out in one step, never followed) and the temporary folder removed. The rules
+    for the target are :func:`check_file_target`'s; the lock, the sweep and the cleanup are :class:`AtomicDir`'s.
+
+    Example:
+        >>> with AtomicFile(Path("out/lora.safetensors"), inner="lora.safetensors") as tmp:
+        ...     (tmp / "lora.safetensors").write_bytes(b"...")
+    """
+
+    def __init__(self, target: Path, force: bool = False, inputs: Iterable[str | Path] = (), inner: str = "out"):
+        super().__init__(target, force, inputs)
+        self.inner = inner
+
+    def _check_target(self) -> None:
+        check_file_target(self.target, self.force)
+
+    def _swap(self) -> None:
+        written = self.tmp / self.inner
+        try:
+            if not written.is_file() or written.is_symlink():
+                raise AdaptoolError(f"nothing was written for {self.target}", "this is a bug; please report it")
+            self._check_target()
+            os.rename(written, self.target)
+        finally:
+            _remove_surely(self.tmp)

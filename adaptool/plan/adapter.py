@@ -1,11 +1,12 @@
 """Plans whose output is one PEFT LoRA adapter folder (merge to an adapter, resize, extract): the computed
-modules and carried tensors in ``adapter_model.safetensors``, and the config built from the ranks written."""
+modules and carried tensors in ``adapter_model.safetensors``, and the config built from the ranks written; and
+plans whose output is a folder of such adapter folders (align), written and swapped into place as one."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from adaptool.output.adapter_folder import ADAPTER_WEIGHTS, PeftAdapterFolder
+from adaptool.output.adapter_folder import ADAPTER_WEIGHTS, AdapterFolders, PeftAdapterFolder
 from adaptool.plan.plan import Computed, Plan, PlannedFile
 
 
@@ -15,6 +16,18 @@ def lora_adapter_plan(modules: list[Computed], metadata: dict[str, str], config:
     are called once the ranks are known."""
     return Plan([PlannedFile(ADAPTER_WEIGHTS, metadata, computed=list(modules))],
                 PeftAdapterFolder(config=config, card=card), inputs)
+
+
+def adapter_folders_plan(parts: dict[str, tuple], inputs: list) -> Plan:
+    """One output folder holding a PEFT adapter folder per entry of ``parts``: ``name -> (modules, metadata,
+    config, card)`` as :func:`lora_adapter_plan` takes them; ``name`` is the subfolder (one path component)."""
+    files, sinks = [], {}
+    for name, (modules, metadata, config, card) in parts.items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"not a folder name: {name!r}")
+        files.append(PlannedFile(f"{name}/{ADAPTER_WEIGHTS}", metadata, computed=list(modules)))
+        sinks[name] = PeftAdapterFolder(config=config, card=card)
+    return Plan(files, AdapterFolders(sinks), inputs)
 
 
 def lora_config(ranks: dict[str, int], *, base_model: str | None, task_type: str | None = None,
