@@ -1,19 +1,33 @@
-"""Summaries into lines (or one JSON object), and a progress bar on a terminal."""
+"""Summaries into lines (or one JSON object), and progress on stderr: a bar on a terminal, plain lines in logs."""
 
 from __future__ import annotations
 
 import json
-import sys
+import warnings
 
 import typer
+
+from adaptool.cli.progress_lines import ProgressLines, interval_from_env, wants_plain_lines
 
 MIB = 1024 * 1024
 
 
 def run_with_progress(work, label: str, quiet: bool):
-    """Run ``work(on_start, on_progress)`` with a rich progress bar on a terminal (none on a pipe or with --quiet)."""
-    if quiet or not sys.stderr.isatty():
-        return work(None, None)
+    """Run ``work(on_start, on_progress)`` and show its progress on stderr: a rich bar on a terminal, plain
+    lines (no ANSI) on a pipe or with ``NO_COLOR`` / ``TERM=dumb``, nothing with --quiet (warnings too)."""
+    if quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return work(None, None)
+    if wants_plain_lines():
+        lines = ProgressLines(label, interval=interval_from_env())
+        result = work(lines.start, lines.advance)
+        lines.finish()
+        return result
+    return _run_with_bar(work, label)
+
+
+def _run_with_bar(work, label: str):
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
@@ -33,7 +47,8 @@ def run_with_progress(work, label: str, quiet: bool):
 
 
 def report(summary: dict, as_json: bool, quiet: bool = False) -> None:
-    """The summary as one JSON object (``--json``), the plan (dry run), or a few lines; nothing with ``quiet``."""
+    """The summary as one JSON object (``--json``, even with ``quiet``: the one thing asked for), the plan (dry
+    run), or a few lines; nothing with ``quiet`` alone."""
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "plan_text"}, indent=2, default=str))
         return
