@@ -12,12 +12,18 @@ The shape (held by outside checks, see ``docs/recipes.md``)::
     base: path-or-hub-id            # needed when output.kind is model
     adapters:
       - path: path-or-hub-id
-        weight: 0.7                 # any finite real, negative allowed; default 1.0
+        weight: 0.7                 # any finite real, negative allowed; default 1.0; or per-module rules
     strategy: ties                  # see STRATEGIES; default linear
     space: delta                    # delta | factors
-    parameters: {density: 0.5, majority_sign_method: total, rank: 16, clamp: 0.99, seed: 0}
+    parameters: {density: 0.5, majority_sign_method: total, rank: 16, clamp: 0.99, seed: 0, convention: peft}
     output: {path: out/merged, kind: adapter, dtype: bfloat16}
     device: auto                    # auto | cpu | cuda | cuda:N
+
+Per-module values: ``weight`` and ``parameters.density`` also take a list of rules,
+``[{match: 'layers\\.[0-7]\\.', value: 0.3}, {value: 1.0}]``: the first rule whose ``match`` regex is found
+(``re.search``) in a module's path (``model.layers.0.self_attn.q_proj``, as ``adaptool inspect`` lists it)
+gives that module's value, and the list must end with a rule without ``match`` (the default), so every
+module has a value: a list without one is an error when the recipe loads, not when a module turns up.
 
 Paths: a relative ``path``/``base``/``output.path`` is resolved against the recipe file's folder and
 returned absolute. A value that does not exist there but looks like a hub id (``org/name`` or
@@ -46,7 +52,9 @@ from adaptool.errors import AdaptoolError
 __all__ = [
     "AdapterSpec",
     "MergeParameters",
+    "ModuleRules",
     "OutputSpec",
+    "Rule",
     "Recipe",
     "RecipeError",
     "STRATEGIES",
@@ -56,6 +64,8 @@ __all__ = [
     "is_hub_id",
     "resolve_location",
     "parameters_used",
+    "value_at",
+    "as_written",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -93,11 +103,16 @@ OUTPUT_KINDS = ("adapter", "model")
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 MAJORITY_SIGN_METHODS = ("total", "frequency")
+#: whose arithmetic ties/dare/magnitude_prune follow (see docs/recipes.md, "Conventions")
+CONVENTIONS = ("peft", "mergekit")
 DEVICES = ("auto", "cpu", "cuda")  # plus cuda:N
 
 TOP_KEYS = ("base", "adapters", "strategy", "space", "parameters", "output", "device")
 ADAPTER_KEYS = ("path", "weight")
-PARAMETER_KEYS = ("density", "majority_sign_method", "rank", "clamp", "seed")
+PARAMETER_KEYS = ("density", "majority_sign_method", "rank", "clamp", "seed", "convention")
+RULE_KEYS = ("match", "value")
+RULES_EXAMPLE = "[{match: 'layers\\.[0-7]\\.', value: 0.3}, {value: 1.0}]"
+MAX_RULE_PATTERN = 1000  # characters; the limit adapter configs' regexes have too (Python's re has no timeout)
 OUTPUT_KEYS = ("path", "kind", "dtype")
 # where a key that was written at the top level belongs (the commonest indentation mistake)
 _BELONGS_UNDER = {**{k: "parameters" for k in PARAMETER_KEYS}, "kind": "output", "dtype": "output"}
@@ -119,16 +134,65 @@ class RecipeError(AdaptoolError, ValueError):
 
 
 @dataclass(frozen=True)
+class Rule:
+    """One per-module rule: ``value`` for the modules whose path ``match`` is found in (``re.search``);
+    ``match`` None: every module (the default, always the last rule)."""
+
+    match: str | None
+    value: float
+
+
+@dataclass(frozen=True)
+class ModuleRules:
+    """A value per module: the first rule whose ``match`` is found in the module path wins.
+
+    The last rule has no ``match``, so every module gets a value (the recipe reader makes sure of it).
+
+    Args:
+        rules (tuple[Rule, ...]): in the order written.
+    """
+
+    rules: tuple[Rule, ...]
+
+    def index(self, module: str) -> int:
+        """Which rule decides ``module`` (a module path such as ``model.layers.0.self_attn.q_proj``)."""
+        for i, rule in enumerate(self.rules):
+            if rule.match is None or re.search(rule.match, module):
+                return i
+        raise AdaptoolError(f"no rule matches module {module!r} and there is no default",  # recipes always have one
+                            "end the rules with one without 'match'")
+
+    def at(self, module: str) -> float:
+        """The value for ``module``."""
+        return self.rules[self.index(module)].value
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """As written in a recipe: ``[{"match": ..., "value": ...}, ..., {"value": ...}]``."""
+        return [{"value": r.value} if r.match is None else {"match": r.match, "value": r.value} for r in self.rules]
+
+
+def value_at(value: float | ModuleRules | None, module: str) -> float | None:
+    """A recipe value (a number, per-module rules, or None) for one module."""
+    return value.at(module) if isinstance(value, ModuleRules) else value
+
+
+def as_written(value: float | ModuleRules | None) -> Any:
+    """A recipe value as a recipe writes it (rules as a list of mappings), for JSON and provenance."""
+    return value.to_list() if isinstance(value, ModuleRules) else value
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """One input adapter.
 
     Args:
         path (str): absolute local folder, or hub id ``org/name[@revision]``.
-        weight (float): multiplier of this adapter's delta; negative subtracts it. Default: 1.0.
+        weight (float | ModuleRules): multiplier of this adapter's delta (negative subtracts it), or one per
+            module. Default: 1.0.
     """
 
     path: str
-    weight: float = 1.0
+    weight: float | ModuleRules = 1.0
 
 
 @dataclass(frozen=True)
@@ -136,18 +200,21 @@ class MergeParameters:
     """Strategy knobs. ``None`` means "not given"; the engine picks its documented default.
 
     Args:
-        density (float | None): fraction of each delta kept, in (0, 1]. Required by pruning strategies.
+        density (float | ModuleRules | None): fraction of each delta kept, in (0, 1] (or one per module).
+            Required by pruning strategies.
         majority_sign_method (str): ``total`` or ``frequency`` (TIES sign election). Default: "total".
         rank (int | None): output rank where a result is re-factored into a LoRA. Default: None.
         clamp (float | None): quantile in (0, 1] at which SVD factors are clamped. Default: None.
         seed (int): DARE seed, combined with each tensor's name. Default: 0.
+        convention (str): ``peft`` or ``mergekit``: whose ties/dare arithmetic to follow. Default: "peft".
     """
 
-    density: float | None = None
+    density: float | ModuleRules | None = None
     majority_sign_method: str = "total"
     rank: int | None = None
     clamp: float | None = None
     seed: int = 0
+    convention: str = "peft"
 
 
 @dataclass(frozen=True)
@@ -202,11 +269,12 @@ class Recipe:
         params = self.parameters
         used = parameters_used(self.strategy, self.space)
         out: dict[str, Any] = {} if self.base is None else {"base": self.base}
-        out["adapters"] = [{"path": a.path, "weight": a.weight} for a in self.adapters]
+        out["adapters"] = [{"path": a.path, "weight": as_written(a.weight)} for a in self.adapters]
         out["strategy"] = self.strategy
         out["space"] = self.space
-        values = {k: getattr(params, k) for k in PARAMETER_KEYS if k in used}
-        parameters = {k: v for k, v in values.items() if v is not None}
+        values = {k: as_written(getattr(params, k)) for k in PARAMETER_KEYS if k in used}
+        # the default convention is left out, so that recipes written before it existed keep their provenance bytes
+        parameters = {k: v for k, v in values.items() if v is not None and (k, v) != ("convention", "peft")}
         if parameters:
             out["parameters"] = parameters
         output = {"path": self.output.path, "kind": self.output.kind}
@@ -225,7 +293,7 @@ def parameters_used(strategy: str, space: str = "delta") -> frozenset[str]:
     """
     used = set()
     if strategy in PRUNING_STRATEGIES:
-        used.add("density")
+        used.update(("density", "convention"))
     if strategy in SIGN_STRATEGIES:
         used.add("majority_sign_method")
     if strategy in RANDOM_STRATEGIES:
@@ -523,10 +591,63 @@ class _Doc:
             self.fail(self.line(mapping, key), f"{name} must be > 0 and <= 1, got {_show(mapping[key])}", hint)
         return value
 
+    def per_module(self, mapping: Mapping, key: str, name: str, read, hint: str) -> float | ModuleRules | None:
+        """A number checked by ``read`` (:meth:`number` or :meth:`fraction`), or a list of per-module rules whose
+        values ``read`` checks; the last rule, and only it, has no ``match`` (the default)."""
+        items = mapping.get(key)
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence):
+            return read(mapping, key, name, hint)
+        if not items:
+            self.fail(self.line(mapping, key), f"{name} is an empty list", f"write a number, or rules: {RULES_EXAMPLE}")
+        rules = [self._rule(items, i, name, read, hint) for i in range(len(items))]
+        for i, rule in enumerate(rules[:-1]):
+            if rule.match is None:
+                self.fail(self.line(items, i), f"{name}[{i}] has no 'match' but is not the last rule",
+                          "a rule without 'match' is the default for every module, so it comes last")
+        if rules[-1].match is not None:
+            self.fail(self.line(items, len(items) - 1), f"{name} has no default rule",
+                      "end the list with a rule without 'match' (e.g. '- value: 1.0'), the value of every module "
+                      "no rule matches")
+        return rules[0].value if len(rules) == 1 else ModuleRules(tuple(rules))
+
+    def _rule(self, items: Sequence, i: int, name: str, read, hint: str) -> Rule:
+        item, where = items[i], f"{name}[{i}]"
+        if not isinstance(item, Mapping):
+            number = isinstance(item, (int, float)) and not isinstance(item, bool)
+            gradient = " (mergekit's gradients, lists of numbers, are not supported)" if number else ""
+            self.fail(self.line(items, i), f"{where} must be a rule {{match: REGEX, value: X}}, got "
+                      f"{_describe(item)}{gradient}", f"write rules like {RULES_EXAMPLE}")
+        if "filter" in item:
+            self.fail(self.line(item, "filter", of_key=True), f"unknown key 'filter' in {where}",
+                      "write 'match: REGEX', a regular expression searched in the module path (mergekit's "
+                      "'filter' is a substring)")
+        self.known_keys(item, RULE_KEYS, f"in {where}")
+        if item.get("value") is None:
+            self.fail(self.line(items, i), f"{where} has no 'value'", "add 'value: X' to the rule")
+        value = read(item, "value", f"{where}.value", hint)
+        match = self.string(item, "match", f"{where}.match")
+        if match is not None:
+            problem = f"is {len(match)} characters long (the limit is {MAX_RULE_PATTERN})" \
+                if len(match) > MAX_RULE_PATTERN else _regex_problem(match)
+            if problem:
+                shown = match if len(match) <= 60 else match[:57] + "..."  # as written: repr would double backslashes
+                self.fail(self.line(item, "match"), f"{where}.match '{shown}' {problem}",
+                          "fix the regex (Python re syntax); in YAML, single-quote it, e.g. match: 'layers\\.0\\.'")
+        return Rule(match, value)
+
     def _plain(self, mapping: Mapping, key: str) -> bool:
         """Whether the YAML scalar was written unquoted (Python data counts as quoted)."""
         node = self.node(mapping, key)
         return node is not None and node.id == "scalar" and node.style is None
+
+
+def _regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a regex Python can compile, or None when it is one."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return f"is not a valid regex ({' '.join(str(e).split())})"
+    return None
 
 
 def _describe(value: Any) -> str:
@@ -604,16 +725,17 @@ def _adapters(doc: _Doc, data: Mapping, base_dir: Path) -> tuple[AdapterSpec, ..
         path = doc.string(item, "path", f"{name}.path")
         if path is None:
             doc.fail(doc.line(items, i), f"{name} has no 'path'", "add 'path: <folder or org/name>'")
-        weight = doc.number(item, "weight", f"{name}.weight", "write a number, e.g. 'weight: 0.5'")
+        weight = doc.per_module(item, "weight", f"{name}.weight", doc.number, "write a number, e.g. 'weight: 0.5'")
         specs.append(AdapterSpec(resolve_location(path, base_dir), 1.0 if weight is None else weight))
     return tuple(specs)
 
 
 def _parameters(doc: _Doc, data: Mapping, strategy: str, space: str) -> MergeParameters:
     p = doc.section(data, "parameters", PARAMETER_KEYS)
-    density = doc.fraction(p, "density", "parameters.density",
-                           "density is the fraction of each delta kept, e.g. 'density: 0.5'")
+    density = doc.per_module(p, "density", "parameters.density", doc.fraction,
+                             "density is the fraction of each delta kept, e.g. 'density: 0.5'")
     sign = doc.choice(p, "majority_sign_method", "parameters.majority_sign_method", MAJORITY_SIGN_METHODS)
+    convention = doc.choice(p, "convention", "parameters.convention", CONVENTIONS) or "peft"
     rank = doc.integer(p, "rank", "parameters.rank", "write a whole number >= 1, e.g. 'rank: 16'")
     if rank is not None and rank < 1:
         doc.fail(doc.line(p, "rank"), f"parameters.rank must be >= 1, got {rank}", "e.g. 'rank: 16'")
@@ -622,6 +744,9 @@ def _parameters(doc: _Doc, data: Mapping, strategy: str, space: str) -> MergePar
     if seed is not None and not 0 <= seed < 2**63:
         doc.fail(doc.line(p, "seed"), f"parameters.seed must be >= 0 and < 2**63, got {seed}", "e.g. 'seed: 0'")
 
+    if space == "factors" and convention == "mergekit":
+        doc.fail(doc.line(p, "convention"), "parameters.convention 'mergekit' cannot be used with space: factors",
+                 "space: factors reproduces PEFT's add_weighted_adapter; use space: delta for mergekit's arithmetic")
     if space == "factors" and strategy not in FACTOR_SPACE_STRATEGIES:
         doc.fail(doc.line(data, "space"), f"space: factors does not support strategy '{strategy}'",
                  "PEFT has no such combination type; use space: delta")
@@ -635,6 +760,7 @@ def _parameters(doc: _Doc, data: Mapping, strategy: str, space: str) -> MergePar
         rank=rank,
         clamp=clamp,
         seed=0 if seed is None else seed,
+        convention=convention,
     )
 
 
@@ -654,6 +780,10 @@ def _reject_unused(doc: _Doc, p: Mapping, strategy: str, space: str) -> None:
         if key == "rank":
             doc.notes.append(f"{where}parameters.rank has no effect with strategy '{strategy}' in space: factors "
                              f"(PEFT keeps the adapters' common rank; use {_svd_variant(strategy)} to choose one)")
+            continue
+        if key == "convention":
+            doc.notes.append(f"{where}parameters.convention has no effect with strategy '{strategy}': both "
+                             "conventions compute the weighted sum of the deltas (mergekit's task_arithmetic)")
             continue
         users = [s for s in STRATEGIES if key in parameters_used(s, space)]
         doc.notes.append(f"{where}parameters.{key} has no effect with strategy '{strategy}' "

@@ -16,13 +16,16 @@ from adaptool.recipe import (
     MergeParameters,
     OutputSpec,
     Recipe,
+    ModuleRules,
     RecipeError,
+    Rule,
     is_hub_id,
     load_recipe,
     parse_recipe,
     parameters_used,
     recipe_from_mapping,
     resolve_location,
+    value_at,
 )
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -292,7 +295,7 @@ def test_density_out_of_range(density, shown):
                    "density is the fraction of each delta kept, e.g. 'density: 0.5'")
 
 
-@pytest.mark.parametrize("value", ['"0.5"', "high", "[0.5]", "true", ".nan", ".inf"])
+@pytest.mark.parametrize("value", ['"0.5"', "high", "{value: 0.5}", "true", ".nan", ".inf"])
 def test_density_bad_type(value):
     msg = error(MINIMAL + f"strategy: ties\nparameters:\n  density: {value}\n")
     assert msg.startswith("recipe.yaml:7: parameters.density must be a")
@@ -320,7 +323,7 @@ def test_bad_seed(seed):
 
 
 @pytest.mark.parametrize("weight, got", [("true", "a boolean (true)"), ("no", "a boolean (false)"),
-                                         ('"0.5"', "the string '0.5'"), ("[1]", "a list")])
+                                         ('"0.5"', "the string '0.5'"), ("{value: 1}", "a mapping")])
 def test_weight_must_be_a_real_number_not_a_bool_or_string(weight, got):
     msg = error(f"adapters:\n  - path: a\n    weight: {weight}\noutput: {{path: o}}\n")
     assert msg == f"recipe.yaml:3: adapters[0].weight must be a number, got {got}; write a number, e.g. 'weight: 0.5'"
@@ -486,6 +489,114 @@ def test_python_objects_are_refused():
 
 def test_multiple_documents_are_refused():
     assert error(MINIMAL + "---\n" + MINIMAL).startswith("recipe.yaml:5: invalid YAML: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-module rules and the convention
+
+RULES = """\
+adapters:
+  - path: a
+    weight:
+      - match: 'layers\\.[0-7]\\.'
+        value: 0.3
+      - {match: mlp, value: -2}
+      - value: 1
+strategy: ties
+parameters:
+  density: [{match: self_attn, value: 0.7}, {value: 5e-1}]
+output: {path: out}
+"""
+
+
+def test_rules_parse_resolve_and_round_trip():
+    r = parse(RULES)
+    weight = r.adapters[0].weight
+    assert weight == ModuleRules((Rule(r"layers\.[0-7]\.", 0.3), Rule("mlp", -2.0), Rule(None, 1.0)))
+    assert r.parameters.density == ModuleRules((Rule("self_attn", 0.7), Rule(None, 0.5)))
+    assert [weight.at(m) for m in ("model.layers.3.mlp.up_proj", "model.layers.13.mlp.up_proj",
+                                   "model.layers.13.self_attn.q_proj", "model.layers.70.self_attn.q_proj")] == [0.3, -2, 1, 1]
+    assert weight.index("model.layers.13.mlp.up_proj") == 1
+    assert value_at(weight, "x.mlp.y") == -2 and value_at(0.5, "anything") == 0.5 and value_at(None, "x") is None
+    d = r.to_dict()
+    assert d["adapters"][0]["weight"] == [{"match": r"layers\.[0-7]\.", "value": 0.3}, {"match": "mlp", "value": -2.0},
+                                          {"value": 1.0}]
+    assert d["parameters"]["density"] == [{"match": "self_attn", "value": 0.7}, {"value": 0.5}]
+    assert json.loads(json.dumps(d)) == d and recipe_from_mapping(d, "/elsewhere") == r
+    assert hash(r) == hash(parse(RULES))
+
+
+def test_a_lone_default_rule_is_the_number():
+    r = parse("adapters: [{path: a, weight: [{value: 0.25}]}]\noutput: {path: o}\n")
+    assert r.adapters == (AdapterSpec("/r/a", 0.25),)
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("'layers\\.[0-7]\\.'", "'layers\\.[0-7'",
+     "recipe.yaml:4: adapters[0].weight[0].match 'layers\\.[0-7' is not a valid regex (unterminated character set "
+     "at position 8); fix the regex (Python re syntax); in YAML, single-quote it, e.g. match: 'layers\\.0\\.'"),
+    ("      - value: 1\n", "",
+     "recipe.yaml:6: adapters[0].weight has no default rule; end the list with a rule without 'match' (e.g. "
+     "'- value: 1.0'), the value of every module no rule matches"),
+    ("{match: mlp, value: -2}", "{value: -2}",
+     "recipe.yaml:6: adapters[0].weight[1] has no 'match' but is not the last rule; a rule without 'match' is the "
+     "default for every module, so it comes last"),
+    ("{match: mlp, value: -2}", "{match: mlp}", "recipe.yaml:6: adapters[0].weight[1] has no 'value'; add 'value: X' to the rule"),
+    ("{match: mlp, value: -2}", "{match: mlp, value: '-2'}",
+     "recipe.yaml:6: adapters[0].weight[1].value must be a number, got the string '-2'; write a number, e.g. 'weight: 0.5'"),
+    ("{match: mlp, value: -2}", "{match: mlp, value: true}",
+     "recipe.yaml:6: adapters[0].weight[1].value must be a number, got a boolean (true); write a number, e.g. 'weight: 0.5'"),
+    ("{match: mlp, value: -2}", "{match: mlp, value: -2, vlaue: 3}",
+     "recipe.yaml:6: unknown key 'vlaue' in adapters[0].weight[1]; did you mean 'value'?"),
+    ("{match: mlp, value: -2}", "{filter: mlp, value: -2}",
+     "recipe.yaml:6: unknown key 'filter' in adapters[0].weight[1]; write 'match: REGEX', a regular expression "
+     "searched in the module path (mergekit's 'filter' is a substring)"),
+    ("{match: mlp, value: -2}", "{match: 3, value: -2}",
+     "recipe.yaml:6: adapters[0].weight[1].match must be a non-empty string, got the number 3; quote it if needed, "
+     "e.g. match: \"...\""),
+    ("{match: mlp, value: -2}", "0.5",
+     "recipe.yaml:6: adapters[0].weight[1] must be a rule {match: REGEX, value: X}, got the number 0.5 (mergekit's "
+     "gradients, lists of numbers, are not supported); write rules like [{match: 'layers\\.[0-7]\\.', value: 0.3}, "
+     "{value: 1.0}]"),
+    ("{match: self_attn, value: 0.7}", "{match: self_attn, value: 0}",
+     "recipe.yaml:10: parameters.density[0].value must be > 0 and <= 1, got 0; density is the fraction of each delta "
+     "kept, e.g. 'density: 0.5'"),
+    ("{match: self_attn, value: 0.7}", "{match: self_attn, value: .nan}",
+     "recipe.yaml:10: parameters.density[0].value must be a finite number, got nan; density is the fraction of each "
+     "delta kept, e.g. 'density: 0.5'"),
+    ("[{match: self_attn, value: 0.7}, {value: 5e-1}]", "[]",
+     "recipe.yaml:10: parameters.density is an empty list; write a number, or rules: "
+     "[{match: 'layers\\.[0-7]\\.', value: 0.3}, {value: 1.0}]"),
+])
+def test_bad_rules_name_the_line(old, new, expected):
+    assert old in RULES
+    assert error(RULES.replace(old, new)) == expected
+
+
+def test_overlong_rule_regex_is_refused():
+    msg = error(RULES.replace("{match: mlp,", "{match: " + "a" * 1001 + ","))
+    assert msg.startswith("recipe.yaml:6: adapters[0].weight[1].match 'aaa") and "is 1001 characters long" in msg
+
+
+def test_convention():
+    assert parse(MINIMAL).parameters.convention == "peft"
+    r = parse(MINIMAL + "strategy: dare_ties\nparameters: {density: 0.5, convention: mergekit}\n")
+    assert r.parameters.convention == "mergekit"
+    assert r.to_dict()["parameters"]["convention"] == "mergekit"
+    assert "convention" not in parse(MINIMAL + "strategy: ties\nparameters: {density: 0.5}\n").to_dict()["parameters"]
+    assert recipe_from_mapping(r.to_dict(), "/x") == r
+    assert error(MINIMAL + "strategy: ties\nparameters: {density: 0.5, convention: mergekt}\n") == (
+        "recipe.yaml:6: unknown parameters.convention 'mergekt'; did you mean 'mergekit'?")
+    assert error(MINIMAL + "strategy: ties\nparameters: {density: 0.5, convention: torch}\n") == (
+        "recipe.yaml:6: unknown parameters.convention 'torch'; use one of: peft, mergekit")
+    assert error(MINIMAL + "strategy: ties\nspace: factors\nparameters: {density: 0.5, convention: mergekit}\n") == (
+        "recipe.yaml:7: parameters.convention 'mergekit' cannot be used with space: factors; space: factors "
+        "reproduces PEFT's add_weighted_adapter; use space: delta for mergekit's arithmetic")
+    assert error(MINIMAL + "convention: mergekit\n") == (
+        "recipe.yaml:5: unknown key 'convention' in the recipe; 'convention' belongs under 'parameters:'; indent it there")
+    notes = parse(MINIMAL + "strategy: svd\nparameters: {convention: mergekit}\n").notes
+    assert notes == ("recipe.yaml:6: parameters.convention has no effect with strategy 'svd': both conventions "
+                     "compute the weighted sum of the deltas (mergekit's task_arithmetic)",)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,14 +29,24 @@ from adaptool.errors import AdaptoolError
 from adaptool.io.inputs import input_paths, open_adapter, open_base
 from adaptool.output.target import preflight
 from adaptool.plan import Computed, Plan, TensorResolver
-from adaptool.plan.merge import adapter_plan, merge_spec, model_plan, output_dtype, output_rank, plan_text, prod, span
-from adaptool.recipe import Recipe, load_recipe
+from adaptool.plan.merge import (
+    adapter_plan,
+    merge_spec,
+    model_plan,
+    output_dtype,
+    output_rank,
+    per_module_values,
+    plan_text,
+    prod,
+    span,
+)
+from adaptool.recipe import Recipe, as_written, load_recipe, value_at
 from adaptool.strategies import peft_effective_type, peft_new_rank
 
 
 @dataclass
 class ModuleGroup:
-    """One module path and the adapters (index, LoraModule, weight) that adapt it."""
+    """One module path and the adapters (index, LoraModule, weight for this module) that adapt it."""
 
     path: str
     kind: str
@@ -128,13 +138,17 @@ def plan_lora_merge(recipe, folders, weights, base, inputs) -> tuple[Plan, dict,
         for f in folders:  # the edits are lazy: building them checks every module against the base
             edits_for(f, base)
     overview = _plan_summary(recipe, folders, groups, spec, base)
+    adapted = {path: [i for i, _, _ in g.entries] for path, g in groups.items()}
+    for i, _, m, _ in dora:
+        adapted.setdefault(m.path, []).append(i)
+    rule_notes = per_module_values(recipe, adapted, overview)
     if recipe.output.kind == "adapter":
         dtype = output_dtype(recipe, folders)
         modules = [_merged_module(g, spec, dtype) for g in groups.values()]
         plan = adapter_plan(recipe, folders, modules, inputs)
     else:
         plan = model_plan(recipe, folders, _fold_edits(folders, groups, dora, spec, base), base, inputs)
-    return plan, overview, list(recipe.notes)
+    return plan, overview, [*recipe.notes, *rule_notes]
 
 
 def _config_rank(folder) -> int:
@@ -149,13 +163,15 @@ def _fan_in_fan_out(folder, base) -> bool:
 
 
 def _group_modules(folders, weights, recipe, base) -> tuple[dict[str, ModuleGroup], list]:
-    """Modules by path across adapters, checked for agreement; DoRA modules set aside (they are not additive)."""
+    """Modules by path across adapters, each adapter's weight resolved for the module, checked for agreement;
+    DoRA modules set aside (they are not additive)."""
     groups: dict[str, ModuleGroup] = {}
     dora = []
     shapes: dict[str, tuple] = {}
-    for i, (folder, w) in enumerate(zip(folders, weights)):
+    for i, (folder, weight) in enumerate(zip(folders, weights)):
         fifo = _fan_in_fan_out(folder, base)
         for m in lora_modules(folder):
+            w = value_at(weight, m.path)
             shape = _module_io(folder, m)
             if m.path in shapes and shapes[m.path][:2] != (m.kind, shape):
                 raise AdaptoolError(
@@ -203,7 +219,7 @@ def _plan_summary(recipe, folders, groups, spec, base) -> dict:
     if recipe.output.kind == "model" and base is not None:
         out_bytes = base.total_bytes
     return {
-        "adapters": [{"source": f.source, "weight": a.weight,
+        "adapters": [{"source": f.source, "weight": as_written(a.weight),
                       "modules": sum(1 for g in groups.values() for j, _, _ in g.entries if j == i)}
                      for i, (f, a) in enumerate(zip(folders, recipe.adapters))],
         "modules": len(groups),

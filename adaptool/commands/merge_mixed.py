@@ -19,7 +19,17 @@ from adaptool.ops.combine import combine_module, flat, merged_bias
 from adaptool.ops.edits import AddDelta, DoraRescale, Replace, ReplaceRows, Rotate, ScaleRowsCols
 from adaptool.errors import AdaptoolError
 from adaptool.plan import Computed, Plan, TensorResolver, group_edits
-from adaptool.plan.merge import adapter_plan, merge_spec, model_plan, output_dtype, output_rank, prod, span
+from adaptool.plan.merge import (
+    adapter_plan,
+    merge_spec,
+    model_plan,
+    output_dtype,
+    output_rank,
+    per_module_values,
+    prod,
+    span,
+)
+from adaptool.recipe import ModuleRules, as_written, value_at
 from adaptool.strategies import clamp_factors, refactor
 
 #: adapter types a merge recipe accepts; a recipe with any but LORA is a mixed merge
@@ -42,6 +52,7 @@ class _Slot:
     dense: list = field(default_factory=list)  # (AddDelta in the base layout, weight)
     a_shape: tuple | None = None  # a LoRA entry's A and B shapes (conv outputs are written like them)
     b_shape: tuple | None = None
+    adapters: list = field(default_factory=list)  # indices of the adapters that change it
 
 
 def _has_dora(folder) -> bool:
@@ -60,9 +71,10 @@ def check_mixed(recipe, folders, weights) -> None:
             raise AdaptoolError(f"strategy {recipe.strategy} works on LoRA deltas only, but {what}",
                                 "use strategy: linear to mix adapter types, or merge the LoRA adapters on their own first")
         for f, w in zip(folders, weights):
-            if f.peft_type == "OFT" and w not in (0, 1):
-                raise AdaptoolError(f"{f.source}: an OFT adapter's weight must be 1 (or 0 to leave it out), got {w:g}: "
-                                    "a scaled rotation is no longer a rotation", "set its weight to 1")
+            bad = [v for v in ([r.value for r in w.rules] if isinstance(w, ModuleRules) else [w]) if v not in (0, 1)]
+            if f.peft_type == "OFT" and bad:
+                raise AdaptoolError(f"{f.source}: an OFT adapter's weight must be 1 (or 0 to leave it out), got "
+                                    f"{bad[0]:g}: a scaled rotation is no longer a rotation", "set its weight to 1")
         return
     if recipe.strategy not in ("linear", "svd"):
         raise AdaptoolError(f"strategy {recipe.strategy} cannot mix adapter types into a LoRA adapter ({what})",
@@ -109,24 +121,41 @@ def plan_mixed(recipe, folders, weights, base, inputs) -> tuple[Plan, dict, list
     """
     notes = list(recipe.notes)
     if recipe.output.kind == "model":
-        edits = _mixed_edits(folders, weights, base)
+        edits, adapted = _mixed_edits(folders, weights, base)
         if recipe.parameters.rank is not None:
             notes.append("parameters.rank has no effect when adapter types are mixed into a model: "
                          "every delta is folded in whole")
-        return (model_plan(recipe, folders, edits, base, inputs),
-                _mixed_model_summary(folders, recipe, group_edits(edits), base), notes)
+        overview = _mixed_model_summary(folders, recipe, group_edits(edits), base)
+        notes += per_module_values(recipe, adapted, overview)
+        return model_plan(recipe, folders, edits, base, inputs), overview, notes
     slots = _mixed_slots(folders, weights, base)
     spec = merge_spec(recipe, len(folders))
     modules = [_slot_module(s, spec, output_dtype(recipe, folders)) for s in slots.values()]
-    return adapter_plan(recipe, folders, modules, inputs), _mixed_adapter_summary(folders, recipe, slots), notes
+    overview = _mixed_adapter_summary(folders, recipe, slots)
+    notes += per_module_values(recipe, {s.path: s.adapters for s in slots.values()}, overview)
+    return adapter_plan(recipe, folders, modules, inputs), overview, notes
+
+
+def _module_paths(folder, base) -> dict[str, str]:
+    """Base tensor name -> the adapter's module path, for the tensors ``folder`` changes (what rules match)."""
+    resolve = TensorResolver(base, folder)
+    if folder.peft_type == "LORA":
+        paths = {resolve.tensor(m.path, "weight"): m.path for m in lora_modules(folder)}
+        paths.update({resolve.tensor(m.path, "bias"): m.path for m in lora_modules(folder) if m.bias_key})
+        return paths
+    return {resolve.tensor(p, "weight"): p for p in module_keys(folder, family(folder.peft_type).own)}
 
 
 def _mixed_edits(folders, weights, base):
     """The edits of a mixed ``kind: model`` merge: replacements first, then each adapter's weighted edits in
-    recipe order (the plan keeps each tensor's edits in the order they are added)."""
+    recipe order (the plan keeps each tensor's edits in the order they are added); and module path -> the
+    adapters that change it. Per-module weights are resolved at the adapter's module path of each edit."""
     replacements, changes = [], []
     replaced: dict[str, str] = {}
-    for f, w in zip(folders, weights):
+    adapted: dict[str, list[int]] = {}
+    ruled = any(isinstance(w, ModuleRules) for w in weights)
+    for i, (f, weight) in enumerate(zip(folders, weights)):
+        paths = _module_paths(f, base) if ruled else {}
         for e in edits_for(f, base):
             if isinstance(e, (Replace, ReplaceRows)):
                 if e.target in replaced:
@@ -135,10 +164,13 @@ def _mixed_edits(folders, weights, base):
                 replaced[e.target] = f.source
                 replacements.append(e)
                 continue
-            weighted = _weighted_edit(e, w, f)
+            path = paths.get(e.target, e.target.rsplit(".", 1)[0])
+            if i not in adapted.setdefault(path, []):
+                adapted[path].append(i)
+            weighted = _weighted_edit(e, value_at(weight, path), f)
             if weighted is not None:
                 changes.append(weighted)
-    return replacements + changes
+    return replacements + changes, adapted
 
 
 def _weighted_edit(e, w: float, folder):
@@ -191,7 +223,7 @@ def _mixed_model_summary(folders, recipe, edits: dict, base) -> dict:
     changed = {t for t, eds in edits.items() if any(not isinstance(e, (Replace, ReplaceRows)) for e in eds)}
     largest = max((prod(base.tensors[t].shape) for t in edits), default=0)
     return {
-        "adapters": [{"source": f.source, "type": f.peft_type, "weight": a.weight, "modules": n}
+        "adapters": [{"source": f.source, "type": f.peft_type, "weight": as_written(a.weight), "modules": n}
                      for f, a, n in zip(folders, recipe.adapters, counts)],
         "modules": len({t for t in changed if t.endswith("weight")}),
         "rank_in": _lora_rank_span(folders),
@@ -214,14 +246,15 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
                                 "merge adapters trained on the same base model")
         return s
 
-    for f, w in zip(folders, weights):
+    for i, (f, weight) in enumerate(zip(folders, weights)):
         resolve = TensorResolver(base, f)
         if f.peft_type == "LORA":
             for m in lora_modules(f):
                 target = resolve.tensor(m.path, "weight")
                 fifo = layout_in(f, m, base, base.tensors[target].shape)
                 s = slot(f, target, m.path, m.kind, m.kind == "embedding" or fifo)
-                s.lora.append((m, w))
+                s.lora.append((m, value_at(weight, m.path)))
+                s.adapters.append(i)
                 s.a_shape, s.b_shape = tuple(f.shape(m.a_key)), tuple(f.shape(m.b_key))
             continue
         own = family(f.peft_type).own
@@ -232,7 +265,9 @@ def _mixed_slots(folders, weights, base) -> dict[str, _Slot]:
             path, keys = paths[e.target]
             w_shape = tuple(base.tensors[e.target].shape)
             transposed = f.peft_type == "ADALORA" and _adalora_transposed(f, keys, w_shape, base)
-            slot(f, e.target, path, "conv" if len(w_shape) > 2 else "linear", transposed).dense.append((e, w))
+            s = slot(f, e.target, path, "conv" if len(w_shape) > 2 else "linear", transposed)
+            s.dense.append((e, value_at(weight, path)))
+            s.adapters.append(i)
     return slots
 
 
@@ -270,7 +305,7 @@ def _mixed_adapter_summary(folders, recipe, slots) -> dict:
         out_bytes += r * (o + i) * itemsize
         largest = max(largest, o * i)
     return {
-        "adapters": [{"source": f.source, "type": f.peft_type, "weight": a.weight, "modules": n}
+        "adapters": [{"source": f.source, "type": f.peft_type, "weight": as_written(a.weight), "modules": n}
                      for f, a, n in zip(folders, recipe.adapters, counts)],
         "modules": len(slots),
         "rank_in": _lora_rank_span(folders),

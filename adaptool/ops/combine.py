@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptool.recipe import ModuleRules, value_at
 from adaptool.strategies import (
     clamp_factors,
     combine_factors,
@@ -42,11 +43,11 @@ class Combined:
 
 @dataclass
 class MergeSpec:
-    """What every module of one merge shares."""
+    """What every module of one merge shares (``density`` may be per-module rules, resolved by module path)."""
 
     strategy: str
     space: str  # delta | factors
-    density: float | None
+    density: float | ModuleRules | None
     majority_sign_method: str
     rank: int | None
     clamp: float | None
@@ -54,6 +55,7 @@ class MergeSpec:
     to_adapter: bool  # the result must be a LoRA (re-factored where dense)
     n_adapters: int  # in the whole recipe (PEFT forces linear for one adapter)
     peft_rank: int | None = None  # space: factors, from PEFT's rank rules
+    convention: str = "peft"  # peft | mergekit: whose ties/dare arithmetic (space: delta)
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -66,8 +68,8 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
 
     Args:
         path (str): module path (seeds DARE's generators, so results do not depend on order).
-        entries (list[tuple[LoraModule, float]]): the adapters that adapt this module, with their weights.
-        spec (MergeSpec): the strategy and its parameters.
+        entries (list[tuple[LoraModule, float]]): the adapters that adapt this module, with their weights for it.
+        spec (MergeSpec): the strategy and its parameters (a per-module density is resolved at ``path``).
         device: where the math runs.
         fifo (bool): the base stores this weight (in, out) (GPT-2 Conv1D); PEFT's svd path prunes the
             transposed delta, which only matters in ``space: factors``.
@@ -77,8 +79,10 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
     As = [flat(a) for _, a in factors]
     scalings = [m.scaling for m, _ in entries]
     weights = [w for _, w in entries]
+    density = value_at(spec.density, path)
     if spec.space == "factors":
-        return _factors_space(path, As, Bs, scalings, weights, spec, device, entries[0][0].kind == "embedding", fifo)
+        return _factors_space(path, As, Bs, scalings, weights, density, spec, device,
+                              entries[0][0].kind == "embedding", fifo)
     coeffs = [w * s for w, s in zip(weights, scalings)]
     max_rank = max(b.shape[1] for b in Bs)
     if spec.strategy in LOWRANK_STRATEGIES:  # exact low-rank algebra
@@ -91,8 +95,8 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
             Bk, Ak = clamp_factors(Bk, Ak, spec.clamp)
         return Combined(Bk, Ak, energy=energy, truncated=Bk.shape[1] < B.shape[1])
     generators = [generator_for(spec.seed, f"{path}#{i}", device) for i in range(len(Bs))]
-    merged = BlockwiseMerge(Bs, As, scalings, weights, spec.strategy, spec.density, spec.majority_sign_method,
-                            generators)
+    merged = BlockwiseMerge(Bs, As, scalings, weights, spec.strategy, density, spec.majority_sign_method,
+                            generators, spec.convention)
     if not (spec.to_adapter or spec.strategy.endswith(SVD_SUFFIX)):
         return Combined(dense=merged)
     Bk, Ak, energy = refactor(merged.full(), spec.rank or max_rank)
@@ -101,11 +105,11 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
     return Combined(Bk, Ak, energy=energy, truncated=True)
 
 
-def _factors_space(path, As, Bs, scalings, weights, spec: MergeSpec, device, is_embedding, fifo) -> Combined:
+def _factors_space(path, As, Bs, scalings, weights, density, spec: MergeSpec, device, is_embedding, fifo) -> Combined:
     from adaptool.strategies import peft_effective_type
 
     ctype = peft_effective_type(spec.n_adapters, spec.strategy)
-    A, B = combine_factors(As, Bs, scalings, weights, ctype, new_rank=spec.peft_rank, density=spec.density,
+    A, B = combine_factors(As, Bs, scalings, weights, ctype, new_rank=spec.peft_rank, density=density,
                            majority_sign_method=spec.majority_sign_method, svd_clamp=spec.clamp,
                            generator=generator_for(spec.seed, path, device), is_embedding=is_embedding,
                            fan_in_fan_out=fifo)

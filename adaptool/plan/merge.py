@@ -20,6 +20,7 @@ from adaptool.plan.adapter import lora_adapter_plan, lora_config
 from adaptool.plan.model import model_files
 from adaptool.plan.plan import Computed, Plan
 from adaptool.plan.resolve import group_edits
+from adaptool.recipe import ModuleRules, parameters_used, value_at
 
 
 def merge_spec(recipe, n_adapters: int) -> MergeSpec:
@@ -27,7 +28,7 @@ def merge_spec(recipe, n_adapters: int) -> MergeSpec:
     p = recipe.parameters
     return MergeSpec(strategy=recipe.strategy, space=recipe.space, density=p.density,
                      majority_sign_method=p.majority_sign_method, rank=p.rank, clamp=p.clamp, seed=p.seed,
-                     to_adapter=recipe.output.kind == "adapter", n_adapters=n_adapters)
+                     to_adapter=recipe.output.kind == "adapter", n_adapters=n_adapters, convention=p.convention)
 
 
 def output_rank(ranks: list[int], strategy: str, spec: MergeSpec) -> int | None:
@@ -121,17 +122,88 @@ def model_plan(recipe, folders, edits: list, base, inputs: list) -> Plan:
     return Plan(model_files(base, group_edits(edits), out_dtype, meta), ModelFolder(base, out_dtype, card), inputs)
 
 
+def per_module_values(recipe, adapted: dict[str, list[int]], overview: dict) -> list[str]:
+    """What per-module rules resolve to, for the summary and the dry run (nothing when the recipe has none).
+
+    Sets ``overview["per_module"]``: the modules grouped by their resolved values, ``[{"weights": [w or None
+    per adapter (None: it does not adapt the module)], "density": d (where the strategy reads it), "modules":
+    [...]}, ...]``; returns notes for rules that decide no module (most likely a typo in the regex).
+
+    Args:
+        adapted (dict[str, list[int]]): module path -> the indices of the adapters that adapt it.
+    """
+    weights = [a.weight for a in recipe.adapters]
+    density = recipe.parameters.density if "density" in parameters_used(recipe.strategy, recipe.space) else None
+    ruled = [(f"adapters[{i}].weight", w, [p for p, ids in adapted.items() if i in ids])
+             for i, w in enumerate(weights) if isinstance(w, ModuleRules)]
+    if isinstance(density, ModuleRules):
+        ruled.append(("parameters.density", density, list(adapted)))
+    if not ruled:
+        return []
+    groups: dict[tuple, list[str]] = {}
+    for path in sorted(adapted):
+        ws = tuple(value_at(w, path) if i in adapted[path] else None for i, w in enumerate(weights))
+        groups.setdefault((ws, value_at(density, path)), []).append(path)
+    overview["per_module"] = [{"weights": list(ws), **({} if d is None else {"density": d}), "modules": paths}
+                              for (ws, d), paths in groups.items()]
+    notes = []
+    for name, rules, paths in ruled:
+        deciding = {rules.index(p) for p in paths}
+        notes += [f"{name}[{j}] (match '{r.match}') decides no module; check it against the module paths "
+                  "`adaptool inspect` lists" for j, r in enumerate(rules.rules) if r.match is not None and j not in deciding]
+    return notes
+
+
+def compact_names(names: list[str], limit: int = 4) -> str:
+    """Module paths with one numeric component folded into ranges: ``model.layers.{0-3,6}.mlp.up_proj, …``."""
+    folded: dict[str, list[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        digits = [i for i, part in enumerate(parts) if part.isdigit()]
+        if len(digits) != 1:
+            folded.setdefault(name, [])
+            continue
+        j = digits[0]
+        folded.setdefault(".".join([*parts[:j], "\0", *parts[j + 1:]]), []).append(int(parts[j]))
+    shown = [t if not ns else t.replace("\0", str(ns[0]) if len(ns) == 1 else "{" + _ranges(sorted(ns)) + "}")
+             for t, ns in folded.items()]
+    more = f", … (+{len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 3, 6]`` -> ``0-3,6``."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _weight_text(weight) -> str:
+    return f"weight per module ({len(weight)} rules)" if isinstance(weight, list) else f"weight {weight:g}"
+
+
 def plan_text(recipe, overview: dict, notes: list[str]) -> str:
     """The dry run's account of a plan (``overview``: adapters, modules, ranks, sizes)."""
     mb = 1024 * 1024
     lines = [f"plan: {recipe.strategy} (space: {recipe.space}) -> {recipe.output.kind} at {recipe.output.path}"]
     for a in overview["adapters"]:
         kind = f" ({a['type']})" if "type" in a else ""
-        lines.append(f"  adapter {a['source']}{kind}  weight {a['weight']:g}  {a['modules']} modules")
+        lines.append(f"  adapter {a['source']}{kind}  {_weight_text(a['weight'])}  {a['modules']} modules")
     if recipe.output.kind == "model":
         lines.append(f"  base {recipe.base}")
     lines.append(f"  modules merged: {overview['modules']}; rank in {overview['rank_in']}, rank out "
                  f"{overview['rank_out'] or 'dense (folded into the base)'}")
+    if overview.get("per_module"):
+        lines.append("  per-module values (weights in adapter order, '-' where an adapter lacks the module):")
+        for g in overview["per_module"]:
+            ws = ", ".join("-" if w is None else f"{w:g}" for w in g["weights"])
+            density = f"  density {g['density']:g}" if "density" in g else ""
+            n = len(g["modules"])
+            lines.append(f"    weights {ws}{density}  {n} module{'' if n == 1 else 's'}: {compact_names(g['modules'])}")
     lines.append(f"  output size ~{overview['output_bytes_estimate'] / mb:,.1f} MiB; working memory ~"
                  f"{overview['working_memory_estimate'] / mb:,.1f} MiB beyond one base tensor")
     lines += [f"  note: {n}" for n in notes]

@@ -7,12 +7,24 @@ threshold (or one random mask) — so :class:`BlockwiseMerge` finds those first 
 :func:`~adaptool.strategies.task_arithmetic.combine`, except that magnitude pruning keeps every entry at
 least as large as the k-th largest (``k = int(density·n)``), so values tied at the threshold are all kept
 (``torch.topk`` would keep an arbitrary, device-dependent subset of them).
+
+Two conventions (``parameters.convention`` of a recipe):
+
+* ``peft`` (PEFT 0.21.2 ``merge_utils``): the signs are elected on the pruned, UNWEIGHTED deltas, and ties /
+  dare_ties take the mean of the agreeing weighted values (divided by their count); DARE rescales by 1/density.
+* ``mergekit`` (mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge`` with each method's default parameters): the
+  weights multiply the pruned deltas BEFORE the election (the sign of wᵢ·δᵢ votes and must agree); ties divides
+  the agreeing sum by the sum of the agreeing weights (``normalize``, its default for ties; a zero sum divides by
+  1) and keeps at least one entry per delta; dare_ties sums the agreeing values (no normalize); DARE rescales by
+  ‖δ‖₁/‖mask·δ‖₁ (left unscaled when either is below 1e-7). magnitude_prune is mergekit's breadcrumbs with
+  gamma 0 and linear its task_arithmetic, which are the same arithmetic in both conventions.
 """
 
 from __future__ import annotations
 
 import torch
 
+from adaptool.errors import AdaptoolError
 from adaptool.strategies.sparsify import check_density
 from adaptool.strategies.task_arithmetic import METHODS, base_method
 
@@ -20,6 +32,8 @@ _BINS = 1 << 15  # top 15 bits of a non-negative float32 (sign bit is 0): expone
 
 
 _BLOCK_ELEMS = 1 << 21  # threshold passes run over ~8 MB blocks, in cache
+_L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor leaves a tensor unscaled when either L1 norm is below this
+CONVENTIONS = ("peft", "mergekit")
 
 
 def _bucket_of(a: torch.Tensor) -> torch.Tensor:
@@ -59,23 +73,33 @@ class BlockwiseMerge:
         density (float | None): fraction kept, for the pruning methods.
         majority_sign_method (str): total or frequency.
         generators (list[torch.Generator] | None): one per input, for DARE.
+        convention (str): ``peft`` or ``mergekit`` (see the module docstring). Default: "peft".
     """
 
-    def __init__(self, Bs, As, coeffs, weights, method, density=None, majority_sign_method="total", generators=None):
+    def __init__(self, Bs, As, coeffs, weights, method, density=None, majority_sign_method="total", generators=None,
+                 convention="peft"):
         self.Bs, self.As, self.coeffs, self.weights = Bs, As, list(coeffs), list(weights)
         self.sparsify, self.elect = METHODS[base_method(method)]
         self.msm = majority_sign_method
+        if convention not in CONVENTIONS:
+            raise AdaptoolError(f"unknown convention {convention!r}", f"use one of: {', '.join(CONVENTIONS)}")
+        self.mergekit = convention == "mergekit"
+        self.normalize = self.mergekit and base_method(method) == "ties"
         self.shape = (Bs[0].shape[0], As[0].shape[1])
         n = self.shape[0] * self.shape[1]
         self.density = 1.0 if self.sparsify is None else check_density(density, method)
-        self.thresholds = self.masks = None
+        self.thresholds = self.masks = self.l1_scales = None
         if self.density >= 1:
-            self.sparsify = None  # PEFT: prune() with density >= 1 returns the tensor unchanged
+            self.sparsify = None  # PEFT and mergekit: density >= 1 returns the tensor unchanged
         elif self.sparsify == "magnitude":
             k = int(self.density * n)
+            if self.normalize:
+                k = max(1, k)  # mergekit's magnitude() keeps one; breadcrumbs (our magnitude_prune) may keep none
             self.thresholds = [self._threshold(i, k) if k else None for i in range(len(Bs))]
         elif self.sparsify == "random":
             self.masks = [torch.rand(self.shape, generator=g, device=Bs[0].device) < self.density for g in generators]
+            if self.mergekit:
+                self.l1_scales = [self._l1_scale(i) for i in range(len(Bs))]
 
     def _threshold(self, i: int, k: int) -> torch.Tensor:
         rows = max(1, _BLOCK_ELEMS // max(1, self.shape[1]))
@@ -86,6 +110,17 @@ class BlockwiseMerge:
 
         return kth_largest_abs_blocks(blocks, k)
 
+    def _l1_scale(self, i: int) -> float:
+        """mergekit's DARE rescale of delta i: ‖δ‖₁ / ‖mask·δ‖₁ (sums in float64), 1 when either is below 1e-7."""
+        rows = max(1, _BLOCK_ELEMS // max(1, self.shape[1]))
+        before = after = 0.0
+        for start in range(0, self.shape[0], rows):
+            block = slice(start, start + rows)
+            d = self._delta(i, block).abs_()
+            before += float(d.sum(dtype=torch.float64))
+            after += float(d.mul_(self.masks[i][block]).sum(dtype=torch.float64))
+        return 1.0 if before < _L1_EPS or after < _L1_EPS else before / after
+
     def _delta(self, i: int, rows=slice(None), cols=slice(None)) -> torch.Tensor:
         return (self.Bs[i][rows] @ self.As[i][:, cols]).mul_(self.coeffs[i])
 
@@ -95,7 +130,8 @@ class BlockwiseMerge:
             thr = self.thresholds[i]
             return d.zero_() if thr is None else d.mul_(d.abs() >= thr)
         if self.sparsify == "random":
-            return d.mul_(self.masks[i][rows, cols]).div_(self.density)
+            d.mul_(self.masks[i][rows, cols])
+            return d.mul_(self.l1_scales[i]) if self.mergekit else d.div_(self.density)
         return d
 
     def block(self, rows=slice(None), cols=slice(None)) -> torch.Tensor:
@@ -106,6 +142,12 @@ class BlockwiseMerge:
             for p, w in zip(pruned[1:], self.weights[1:]):
                 out.add_(p, alpha=w)
             return out
+        if self.mergekit:
+            return self._mergekit_consensus(pruned)
+        return self._peft_consensus(pruned)
+
+    def _peft_consensus(self, pruned: list[torch.Tensor]) -> torch.Tensor:
+        """Signs elected on the unweighted values; the mean of the agreeing weighted values."""
         signs = [p.sign() for p in pruned]
         votes = pruned if self.msm == "total" else signs
         tally = votes[0].clone()
@@ -119,6 +161,25 @@ class BlockwiseMerge:
             total.add_(p.mul_(agree), alpha=w)
             count.add_(agree)
         return total.div_(count.clamp_(min=1))
+
+    def _mergekit_consensus(self, pruned: list[torch.Tensor]) -> torch.Tensor:
+        """Signs elected on the weighted values; their agreeing sum, over the agreeing weights for ties."""
+        weighted = [p.mul_(w) for p, w in zip(pruned, self.weights)]
+        signs = [p.sign() for p in weighted]
+        votes = weighted if self.msm == "total" else signs
+        tally = votes[0].clone()
+        for v in votes[1:]:
+            tally.add_(v)
+        majority = torch.where(tally >= 0, 1.0, -1.0)
+        total = torch.zeros_like(tally)
+        divisor = torch.zeros_like(tally)
+        for p, s, w in zip(weighted, signs, self.weights):
+            agree = (s == majority).to(p.dtype)  # zeros (pruned or weight 0) have sign 0 and never agree
+            total.add_(p.mul_(agree))
+            divisor.add_(agree, alpha=w)
+        if not self.normalize:
+            return total
+        return total.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
     def full(self) -> torch.Tensor:
         return self.block()
