@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 from conftest import load_output, make_adapter, run_cli
 
 from adaptool.commands.merge import merge
-from adaptool.recipe import parse_recipe
 
 
 @pytest.fixture(scope="module")
@@ -291,30 +289,3 @@ def test_bad_recipe_one_line(tmp_path):
     assert rc == 2 and err.count("\n") == 1 and "recipe.yaml:2" in err and "did you mean 'ties'" in err
     rc, out, err = run_cli("merge", str(tmp_path / "missing.yaml"))
     assert rc == 2 and err.count("\n") == 1 and "missing.yaml" in err
-
-
-def test_example_recipes_run(llama_base, tmp_path):
-    """Every recipe under recipes/ runs end to end once its placeholder paths exist."""
-    root = tmp_path / "recipes"
-    # only the recipes: the demo's inputs and outputs (git-ignored) may lie beside them
-    shutil.copytree(Path(__file__).parents[2] / "recipes", root,
-                    ignore=shutil.ignore_patterns("base", "adapters", "out", ".demo-build-*"))
-    shutil.copytree(llama_base, root / "base")
-    for i, name in enumerate(["math", "code", "chat"]):
-        make_adapter(root / "base", root / "adapters" / name, seed=10 + i, r=4, lora_alpha=8,
-                     target_modules=["q_proj", "v_proj"])
-    from peft import IA3Config, LoHaConfig
-    from conftest import make_peft_adapter
-
-    make_peft_adapter(root / "base", root / "adapters" / "style-loha",
-                      LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], init_weights=False))
-    make_peft_adapter(root / "base", root / "adapters" / "tone-ia3",
-                      IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
-                                init_ia3_weights=False))
-    files = sorted(root.glob("*.yaml"))
-    assert len(files) >= 14
-    for f in files:
-        rc, out, err = run_cli("merge", str(f), "--device", "cpu")
-        assert rc == 0, (f.name, err)
-        r = parse_recipe(f.read_text(), root, f.name)
-        assert Path(r.output.path).exists(), f.name
