@@ -5,7 +5,8 @@ The public API is imported lazily so that ``adaptool --help`` never pays for tor
 
 from adaptool.version import __version__
 
-__all__ = ["__version__", "unload", "merge", "inspect", "resize", "extract", "align", "edit", "convert", "AdaptoolError"]
+__all__ = ["__version__", "unload", "merge", "inspect", "resize", "extract", "align", "edit", "convert", "verify", "push",
+           "AdaptoolError"]
 
 
 def __getattr__(name):
@@ -41,6 +42,14 @@ def __getattr__(name):
         from adaptool.commands.convert import convert
 
         return convert
+    if name == "verify":
+        from adaptool.commands.verify import verify
+
+        return verify
+    if name == "push":
+        from adaptool.commands.push import push
+
+        return push
     if name == "AdaptoolError":
         from adaptool.errors import AdaptoolError
 

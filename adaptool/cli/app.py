@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from adaptool.version import __version__
 from adaptool.cli.options import (AsJson, Base, Device, Dtype, Force, MaxRank, OptionalDevice, OptionalOutput, Output,
                                   Quiet, Rank, SvCumulative, SvFro, SvRatio)
+from adaptool.cli.options import Private, PushToHub, Revision
 from adaptool.cli.render import report, report_inspect, run_with_progress
 from adaptool.cli.help_format import HELP_SETTINGS, PlainHelpGroup
 
@@ -54,8 +56,12 @@ def unload(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """Fold adapters into a base checkpoint and write a plain model (streamed, one tensor at a time)."""
+    _check_push(push_to_hub, private, revision)
     from adaptool.commands.unload import split_sources
     from adaptool.commands.unload import unload as run_unload
 
@@ -64,7 +70,7 @@ def unload(
         return run_unload(base, adapters, output, dtype=dtype, device=device, force=force,
                           on_start=on_start, on_progress=on_progress)
 
-    report(run_with_progress(work, "Writing", quiet), as_json, quiet)
+    _report(_published(run_with_progress(work, "Writing", quiet), push_to_hub, private, revision), as_json, quiet)
 
 
 @app.command(
@@ -81,8 +87,12 @@ def merge(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """Combine adapters with a strategy from a YAML recipe, into one adapter or into the base."""
+    _check_push(push_to_hub, private, revision, dry_run)
     from adaptool.commands.merge import merge as run_merge
     from adaptool.recipe import load_recipe
 
@@ -92,7 +102,7 @@ def merge(
         return run_merge(parsed, device=device, dry_run=dry_run, force=force,
                          on_start=on_start, on_progress=on_progress)
 
-    report(run_with_progress(work, "Merging", quiet), as_json, quiet)
+    _report(_published(run_with_progress(work, "Merging", quiet), push_to_hub, private, revision), as_json, quiet)
 
 
 @app.command(
@@ -131,8 +141,12 @@ def resize(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """A PEFT LoRA whose ΔW per module is the best approximation of the input's at a rank chosen by the rule."""
+    _check_push(push_to_hub, private, revision)
     from adaptool.commands.resize import resize as run_resize
     from adaptool.strategies.rank_rules import RankRule
 
@@ -142,7 +156,7 @@ def resize(
         return run_resize(adapter, output, rule, base=base, dtype=dtype, device=device, force=force,
                           on_start=on_start, on_progress=on_progress)
 
-    report(run_with_progress(work, "Resizing", quiet), as_json, quiet)
+    _report(_published(run_with_progress(work, "Resizing", quiet), push_to_hub, private, revision), as_json, quiet)
 
 
 @app.command(
@@ -166,8 +180,12 @@ def extract(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """A PEFT LoRA carrying a full fine-tune: ΔW = W_tuned − W_base per Linear weight, truncated by the rule."""
+    _check_push(push_to_hub, private, revision)
     from adaptool.commands.extract import extract as run_extract
     from adaptool.strategies.rank_rules import RankRule
 
@@ -177,7 +195,7 @@ def extract(
         return run_extract(base, tuned, output, rule, modules=modules, skip_missing=skip_missing, dtype=dtype,
                            device=device, force=force, on_start=on_start, on_progress=on_progress)
 
-    report(run_with_progress(work, "Extracting", quiet), as_json, quiet)
+    _report(_published(run_with_progress(work, "Extracting", quiet), push_to_hub, private, revision), as_json, quiet)
 
 
 # ---------------------------------------------------------------------------------------------------- align
@@ -200,15 +218,19 @@ def align(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """Rewrite LoRAs to one rank, one config and one set of modules, so that hotswap swaps them plainly."""
+    _check_push(push_to_hub, private, revision)
     from adaptool.commands.align import align as run_align
 
     def work(on_start, on_progress):
         return run_align(adapters, output, rank=rank, dtype=dtype, force=force, on_start=on_start,
                          on_progress=on_progress)
 
-    report(run_with_progress(work, "Aligning", quiet), as_json, quiet)
+    _report(_published(run_with_progress(work, "Aligning", quiet), push_to_hub, private, revision), as_json, quiet)
 
 
 # ----------------------------------------------------------------------------------------------------- edit
@@ -230,15 +252,19 @@ def edit(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """Keep or drop modules and scale their ΔW; the factors are copied bit for bit, scales go in the config."""
+    _check_push(push_to_hub, private, revision)
     from adaptool.commands.edit import edit as run_edit
 
     def work(on_start, on_progress):
         return run_edit(adapter, output, keep=keep or [], drop=drop or [], scale=scale or [], force=force,
                         on_start=on_start, on_progress=on_progress)
 
-    report(run_with_progress(work, "Editing", quiet), as_json, quiet)
+    _report(_published(run_with_progress(work, "Editing", quiet), push_to_hub, private, revision), as_json, quiet)
 
 
 # -------------------------------------------------------------------------------------------------- convert
@@ -266,15 +292,19 @@ def convert(
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    revision: Revision = None,
 ):
     """Convert between PEFT and kohya/LyCORIS (factors bit for bit), or a PiSSA/OLoRA adapter into a plain LoRA."""
+    _check_push(push_to_hub, private, revision)
     from adaptool.commands.convert import convert as run_convert
 
     def work(on_start, on_progress):
         return run_convert(source, output, to, base=base, initial=initial, prefix=prefix, force=force,
                            on_start=on_start, on_progress=on_progress)
 
-    summary = run_with_progress(work, "Converting", quiet)
+    summary = _published(run_with_progress(work, "Converting", quiet), push_to_hub, private, revision)
     if as_json or quiet:
         report(summary, as_json, quiet)
         return
@@ -284,3 +314,101 @@ def convert(
                f"{summary['tensors_written']} tensors in {summary['seconds']:.2f} s")
     for note in summary["notes"]:
         typer.echo(f"note: {note}")
+    _report_push(summary)
+
+
+# ------------------------------------------------------------------------------------------- verify, push
+def _check_push(push_to_hub, private: bool, revision, dry_run: bool = False) -> None:
+    """``--push-to-hub`` and its companions, checked before any work (no network, no hub client)."""
+    from adaptool.commands.push import check_push_options
+    from adaptool.errors import AdaptoolError
+
+    if dry_run and push_to_hub:
+        raise AdaptoolError("--push-to-hub with --dry-run: a dry run writes nothing to push", "leave one of them out")
+    check_push_options(push_to_hub, private, revision)
+
+
+def _published(summary: dict, push_to_hub, private: bool, revision) -> dict:
+    """The summary, with ``push`` added once the output is verified and committed to ``push_to_hub`` (if given)."""
+    if not push_to_hub or summary.get("dry_run"):
+        return summary
+    from adaptool.commands.push import push as run_push
+    from adaptool.errors import AdaptoolError
+
+    try:
+        summary["push"] = run_push(summary["output"], push_to_hub, private=private, revision=revision)
+    except AdaptoolError as e:
+        raise AdaptoolError(f"{summary['output']} is written, but {e.message}",
+                            f"{e.hint + '; then ' if e.hint else ''}push it with adaptool push {summary['output']} "
+                            f"{push_to_hub}") from None
+    return summary
+
+
+def _report_push(summary: dict) -> None:
+    pushed = summary.get("push")
+    if pushed:
+        typer.echo(f"pushed {pushed['files']} files to {pushed['repo_id']} ({pushed['revision']}): {pushed['url']}")
+
+
+def _report(summary: dict, as_json: bool, quiet: bool) -> None:
+    report(summary, as_json, quiet)
+    if not as_json and not quiet:
+        _report_push(summary)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool verify out/merged\n\n"
+    "  adaptool verify out/lora.safetensors --json\n\n"
+    "Exit 0: intact. Exit 2: one line naming the first problem (manifest missing or not adaptool's; then, in path "
+    "order, a missing, extra, symlinked or resized file; then the first file whose sha256 differs)."
+)
+def verify(
+    path: str = typer.Argument(..., metavar="OUT", help="An output folder (it holds adaptool-manifest.json) or a "
+                                                       "single .safetensors file adaptool wrote."),
+    as_json: AsJson = False,
+):
+    """Check that an output is byte for byte what adaptool wrote (its manifest, or a file's own digests)."""
+    from adaptool.commands.verify import verify as run_verify
+    from adaptool.output.manifest import VerifyError
+
+    try:
+        summary = run_verify(path)
+    except VerifyError as e:
+        if as_json:
+            typer.echo(json.dumps({"output": path, "command": "verify", "intact": False, "problem": e.problem}))
+        raise
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    made = summary["made_by"]
+    by = f" (adaptool {made['command']}, recipe {made['recipe_sha256'][:16]})" if made.get("recipe_sha256") else ""
+    typer.echo(f"{path}: intact, {summary['files']} file{'s' if summary['files'] != 1 else ''}, "
+               f"{summary['bytes'] / (1 << 20):,.1f} MiB{by}")
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  adaptool push out/merged my-org/llama-merged\n\n"
+    "  adaptool push out/lora my-org/lora --private --revision experiments\n\n"
+    "The output is verified first (a folder that fails is refused); the token comes from HF_TOKEN or hf auth login."
+)
+def push(
+    output: str = typer.Argument(..., metavar="OUT", help="An output folder or file adaptool wrote."),
+    repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="The hub repo (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private (an existing repo keeps its "
+                                                          "visibility)."),
+    revision: str = typer.Option(None, "--revision", metavar="BRANCH",
+                                 help="Commit to this branch (created from the default branch if missing)."),
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+):
+    """Verify an output and commit it to a Hugging Face Hub repo (one commit naming the command and recipe hash)."""
+    from adaptool.commands.push import push as run_push
+
+    summary = run_push(output, repo_id, private=private, revision=revision)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        typer.echo(f"pushed {summary['files']} files of {output} to {summary['repo_id']} ({summary['revision']}): "
+                   f"{summary['message']}; {summary['url']}")

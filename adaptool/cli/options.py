@@ -32,3 +32,10 @@ Drop = Annotated[Optional[list[str]], typer.Option(
     "--drop", help="Drop modules (and saved modules) whose base name matches this regex (repeatable).")]
 Scale = Annotated[Optional[list[str]], typer.Option(
     "--scale", help="[REGEX=]X: multiply ΔW of matching modules by X (first match wins; split at the last '=').")]
+PushToHub = Annotated[Optional[str], typer.Option(
+    "--push-to-hub", metavar="ORG/NAME",
+    help="Once the output is written and verified, commit it to this hub repo (created if missing; token from "
+         "HF_TOKEN or hf auth login).")]
+Private = Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")]
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", metavar="BRANCH", help="With --push-to-hub: commit to this branch (created if missing).")]

@@ -50,7 +50,7 @@ from adaptool.errors import AdaptoolError
 from adaptool.io.inputs import input_paths, open_adapter
 from adaptool.io.kohya import kohya_file
 from adaptool.output.adapter_folder import PEFT_PREFIX
-from adaptool.output.provenance import metadata, model_card
+from adaptool.output.provenance import adapter_name, metadata, model_card
 from adaptool.output.target import preflight
 from adaptool.plan import Computed
 from adaptool.plan.adapter import adapter_folders_plan, lora_config
@@ -175,13 +175,13 @@ def plan_align(adapters: list[str], output, rank: int | None, force: bool, out_d
     config = _config(inputs, slots, R)
     rule = RankRule.from_options(rank=R)
     reports = {i.name: Report() for i in inputs}
-    command = f"adaptool align {' '.join(adapters)} --rank {R}"
+    command = f"adaptool align {' '.join(adapter_name(i.folder) for i in inputs)} --rank {R}"
     parts = {}
     for inp in inputs:
         modules = [_aligned_module(inp, s, R, rule, reports[inp.name], out_dtype) for s in slots]
         meta = metadata("align", None, [inp.folder], {"rank": str(R), "modules": str(len(slots))})
         card = lambda cfg, inp=inp: model_card(  # noqa: E731
-            inp.name, command, cfg["base_model_name_or_path"], [inp.folder])
+            inp.name, command, [inp.folder], base_model=cfg["base_model_name_or_path"])
         parts[inp.name] = ([*modules, carried_tensors([inp.folder])], meta, lambda ranks, lora_bias: config, card)
     return adapter_folders_plan(parts, paths), inputs, slots, R, reports
 

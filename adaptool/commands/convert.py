@@ -54,7 +54,7 @@ from adaptool.io.safetensors_file import read_header, torch_dtype
 from adaptool.output.adapter_folder import ADAPTER_WEIGHTS, PEFT_PREFIX, PeftAdapterFolder
 from adaptool.output.kohya_file import (DEFAULT_PREFIX, KOHYA_WEIGHTS, KohyaFile, check_prefix, execute_file,
                                         kohya_names, network_metadata)
-from adaptool.output.provenance import metadata, model_card
+from adaptool.output.provenance import adapter_name, base_name, metadata, model_card, portable_spec
 from adaptool.output.target import preflight, preflight_file
 from adaptool.plan import Computed, Plan, PlannedFile, TensorResolver
 
@@ -361,13 +361,23 @@ def plan_peft(inputs: Inputs, target: Path, source: str, base: str | None, initi
         computed.append(Computed("carried tensors", lambda device: ({PEFT_PREFIX + n: adapter.load(n) for n in carried},
                                                                     None)))
     adapters = [a for a in (adapter, inputs.initial) if a is not None]
-    meta = metadata("convert", base, adapters, {"to": "peft"})
+    extra = {"to": "peft"}
     if isinstance(adapter, KohyaAdapter):
-        meta[KOHYA_RECORD] = json.dumps(_kohya_record(adapter), separators=(",", ":"), sort_keys=True)
-    command = f"adaptool convert {source} --to peft" + (f" --initial {initial}" if initial else "")
-    card = model_card(target.name, command, config.get("base_model_name_or_path"), adapters)
+        extra[KOHYA_RECORD[len("adaptool."):]] = json.dumps(_kohya_record(adapter), separators=(",", ":"),
+                                                            sort_keys=True)
+    meta = metadata("convert", inputs.base, adapters, extra)
+    card = model_card(f"{adapter_name(adapter)} (PEFT)", _command(inputs, "peft"), adapters, base=inputs.base,
+                      base_model=config.get("base_model_name_or_path"))
     sink = PeftAdapterFolder(config=lambda ranks, lora_bias: config, card=lambda cfg: card)
     return Plan([PlannedFile(ADAPTER_WEIGHTS, meta, computed=computed)], sink, inputs.paths), []
+
+
+def _command(inputs: Inputs, to: str) -> str:
+    """The command line, inputs by portable name."""
+    line = f"adaptool convert {adapter_name(inputs.adapter)} --to {to}"
+    if inputs.base is not None:
+        line += f" --base {base_name(inputs.base)}"
+    return line + (f" --initial {adapter_name(inputs.initial)}" if inputs.initial is not None else "")
 
 
 def _peft_producer(m: Module):
@@ -412,7 +422,7 @@ def kohya_peft_config(inputs: Inputs, base: str | None) -> dict:
     ranks = {m.path: m.rank for m in modules}
     alphas = {m.path: _plain(m.alpha) for m in modules}
     r, alpha = _most_common(ranks), _most_common(alphas)
-    config = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": base,
+    config = {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": portable_spec(base),
               "revision": None, "r": r, "target_modules": sorted(ranks), "inference_mode": True,
               "rank_pattern": {p: v for p, v in sorted(ranks.items()) if v != r},
               "alpha_pattern": {p: v for p, v in sorted(alphas.items()) if v != alpha}, "modules_to_save": None}
@@ -587,7 +597,8 @@ def plan_kohya(inputs: Inputs, target: Path, source: str, base: str | None, init
         dims.append(m.kohya_rank or 1)
         alphas.append(float(alpha.item()) if alpha is not None else float(m.kohya_rank or 1))
     adapters = [a for a in (adapter, inputs.initial) if a is not None]
-    meta = {**metadata("convert", base, adapters, {"to": "kohya"}), **network_metadata(inputs.peft_type, dims, alphas)}
+    meta = {**metadata("convert", inputs.base, adapters, {"to": "kohya"}),
+            **network_metadata(inputs.peft_type, dims, alphas)}
     plan = Plan([PlannedFile(KOHYA_WEIGHTS, meta, computed=computed)], KohyaFile(len(computed)), inputs.paths)
     return plan, notes
 

@@ -50,7 +50,7 @@ from adaptool.errors import AdaptoolError
 from adaptool.io.inputs import input_paths, open_adapter
 from adaptool.io.kohya import kohya_file
 from adaptool.output.adapter_folder import PEFT_PREFIX
-from adaptool.output.provenance import metadata, model_card
+from adaptool.output.provenance import adapter_name, metadata, model_card
 from adaptool.output.target import preflight
 from adaptool.plan import Computed
 from adaptool.plan.adapter import lora_adapter_plan
@@ -142,12 +142,12 @@ def edit(
     computed.append(_copied(folder, _saved_kept(folder, modules, choice), "saved tensors"))
     meta = metadata("edit", None, [folder], {"keep": [k.pattern for k in keeps], "drop": [d.pattern for d in drops],
                                               "scale": [s.text for s in scales]})
-    command = "adaptool edit " + " ".join([adapter, *(f"--keep '{k.pattern}'" for k in keeps),
+    command = "adaptool edit " + " ".join([adapter_name(folder), *(f"--keep '{k.pattern}'" for k in keeps),
                                            *(f"--drop '{d.pattern}'" for d in drops),
                                            *(f"--scale '{s.text}'" for s in scales)])
     plan = lora_adapter_plan(computed, meta, config=lambda ranks, lora_bias: config,
-                             card=lambda cfg: model_card(Path(output).name, command, cfg.get("base_model_name_or_path"),
-                                                         [folder]), inputs=inputs)
+                             card=lambda cfg: model_card(f"{adapter_name(folder)} edited", command, [folder],
+                                                         base_model=cfg.get("base_model_name_or_path")), inputs=inputs)
     stats = execute(plan, Path(output), force, resolve_device("cpu"), on_start, on_progress)
     return {"output": str(output), "command": "edit", "adapter": adapter, "peft_type": folder.peft_type,
             "kept": choice.kept, "dropped": choice.dropped, "scaled": choice.scales,

@@ -38,7 +38,7 @@ from adaptool.io.inputs import input_paths
 from adaptool.io.safetensors_file import FLOAT_CODES, TensorInfo, load_tensor, open_regular, read_block, torch_dtype
 from adaptool.io.weights_buffer import all_finite
 from adaptool.output.adapter_folder import PEFT_PREFIX
-from adaptool.output.provenance import metadata
+from adaptool.output.provenance import base_entry, base_name, hub_model_id, metadata, portable_spec
 from adaptool.output.target import preflight
 from adaptool.plan import Computed
 from adaptool.plan.adapter import lora_adapter_plan, lora_config
@@ -120,6 +120,7 @@ class Extraction:
     skipped: list = field(default_factory=list)
     workspace: Workspace = field(default_factory=Workspace)
     largest: int = 0  # elements of the largest LoRA target weight
+    checkpoints: tuple = ()  # (BASE, TUNED) opened, for provenance
 
     def dtype_of(self, info: TensorInfo):
         """The output dtype of a tensor produced from TUNED's ``info``: ``--dtype`` for float tensors, else its own."""
@@ -174,15 +175,16 @@ def extract(
     if sorted(map(Path.resolve, base_ckpt.shards)) == sorted(map(Path.resolve, tuned_ckpt.shards)):
         raise AdaptoolError(f"BASE and TUNED are the same checkpoint ({base}): nothing differs",
                             "give the fine-tuned model as TUNED")
-    state = Extraction(base, tuned, rule, out_dtype)
+    state = Extraction(base, tuned, rule, out_dtype, checkpoints=(base_ckpt, tuned_ckpt))
     works = plan_modules(base_ckpt, tuned_ckpt, pattern, skip_missing, state)
     computed = [_lora_module(w, state) if w.lora else _carried_module(w, state) for w in works]
     computed.append(Computed("lora_B biases", lambda device: (_zero_biases(works, state), None)))
-    meta = metadata("extract", base, [], {"tuned": tuned, "rule": rule.describe(), "modules": modules or ""})
+    meta = metadata("extract", base_ckpt, [], {"tuned": base_entry(tuned_ckpt), "rule": rule.describe(),
+                                               "modules": modules or ""})
     task = _task_type(tuned_ckpt.config or base_ckpt.config)
     plan = lora_adapter_plan(computed, meta, config=lambda ranks, lora_bias: _config(state, ranks, lora_bias, task,
                                                                                       modules),
-                             card=lambda config: _card(state, config, Path(output).name), inputs=inputs)
+                             card=lambda config: _card(state, config), inputs=inputs)
     stats = execute(plan, Path(output), force, dev, on_start, on_progress)
     return _summary(state, stats, output, dev, time.perf_counter() - start)
 
@@ -437,18 +439,22 @@ def _config(state: Extraction, ranks: dict, lora_bias: bool, task: str | None, m
     if not ranks:
         state.notes.append("no Linear weight differs: the adapter only carries modules_to_save (PEFT refuses an "
                            "adapter without target modules; adaptool unload applies it)")
-    return lora_config(ranks, base_model=state.base, task_type=task, lora_bias=lora_bias, fan_in_fan_out=state.fifo,
+    return lora_config(ranks, base_model=portable_spec(state.base), task_type=task, lora_bias=lora_bias, fan_in_fan_out=state.fifo,
                        modules_to_save=sorted(state.carried_modules) or None)
 
 
-def _card(state: Extraction, config: dict, title: str) -> str:
+def _card(state: Extraction, config: dict) -> str:
+    """The model card: inputs by portable name (:mod:`adaptool.output.provenance`), ``base_model:`` only a hub id."""
     ranks = [r["rank"] for r in state.records.values()]
     span = f"rank {min(ranks)}–{max(ranks)}" if ranks else "no LoRA modules"
-    lines = ["---", f"base_model: {state.base}", "library_name: peft", "tags:", "  - adaptool", "  - lora",
-             "  - extracted", "---", "", f"# {title}", "",
+    base_ckpt, tuned_ckpt = state.checkpoints
+    base, tuned = base_name(base_ckpt), base_name(tuned_ckpt)
+    hub_id = hub_model_id(portable_spec(state.base), base_ckpt.config.get("_name_or_path"))
+    lines = ["---", *([f"base_model: {hub_id}"] if hub_id else []), "library_name: peft", "tags:", "  - adaptool",
+             "  - lora", "  - extracted", "---", "", f"# LoRA extracted from {tuned}", "",
              f"Made by [adaptool](https://pypi.org/project/adaptool/) {__version__} with `adaptool extract "
-             f"{state.base} {state.tuned} {state.rule.describe()}`.", "",
-             f"A LoRA of the difference between `{state.tuned}` and its base `{state.base}`: each changed Linear "
+             f"{base} {tuned} {state.rule.describe()}`.", "",
+             f"A LoRA of the difference between `{tuned}` and its base `{base}`: each changed Linear "
              f"weight's ΔW truncated to its best rank-k approximation ({len(ranks)} modules, {span}, scaling 1).", ""]
     if config.get("modules_to_save"):
         lines += [f"Carried whole (modules_to_save): {', '.join(config['modules_to_save'])}.", ""]

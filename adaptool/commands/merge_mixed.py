@@ -133,7 +133,7 @@ def plan_mixed(recipe, folders, weights, base, inputs) -> tuple[Plan, dict, list
     modules = [_slot_module(s, spec, output_dtype(recipe, folders)) for s in slots.values()]
     overview = _mixed_adapter_summary(folders, recipe, slots)
     notes += per_module_values(recipe, {s.path: s.adapters for s in slots.values()}, overview)
-    return adapter_plan(recipe, folders, modules, inputs), overview, notes
+    return adapter_plan(recipe, folders, modules, inputs, base), overview, notes
 
 
 def _module_paths(folder, base) -> dict[str, str]:

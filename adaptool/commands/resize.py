@@ -40,7 +40,7 @@ from adaptool.io.inputs import input_paths, open_adapter, open_base
 from adaptool.io.kohya import kohya_file
 from adaptool.ops.edits import AddDelta
 from adaptool.output.adapter_folder import PEFT_PREFIX, written_ranks
-from adaptool.output.provenance import deferred_metadata, model_card
+from adaptool.output.provenance import adapter_name, base_name, deferred_metadata, model_card, portable_spec
 from adaptool.output.target import preflight
 from adaptool.plan import Computed, Plan, TensorResolver
 from adaptool.plan.adapter import lora_adapter_plan, lora_config
@@ -159,12 +159,14 @@ def plan_resize(adapter: str, output, rule: RankRule, base: str | None, out_dtyp
                             "the adapter is incomplete; re-save it (with PEFT's save_pretrained)")
     results = Results()
     modules = [_resized_module(s, rule, out_dtype, results) for s in sources]
-    meta = deferred_metadata("resize", base, [folder], {"rule": rule.describe()})
-    command = f"adaptool resize {adapter} {rule.describe()}"
+    meta = deferred_metadata("resize", checkpoint, [folder], {"rule": rule.describe()})
+    command = f"adaptool resize {adapter_name(folder)} {rule.describe()}" + (
+        f" --base {base_name(checkpoint)}" if checkpoint is not None else "")
     plan = lora_adapter_plan(
         [*modules, carried_tensors([folder])], meta,
-        config=lambda ranks, lora_bias: _config(folder, base, ranks, lora_bias, results),
-        card=lambda config: model_card(Path(output).name, command, config["base_model_name_or_path"], [folder]),
+        config=lambda ranks, lora_bias: _config(folder, portable_spec(base), ranks, lora_bias, results),
+        card=lambda config: model_card(f"{adapter_name(folder)} resized", command, [folder], base=checkpoint,
+                                       base_model=config["base_model_name_or_path"]),
         inputs=inputs)
     return plan, folder, results
 

@@ -21,7 +21,7 @@ from adaptool.io.hub import ADAPTER_PATTERNS, resolve
 from adaptool.io.inputs import input_paths, open_adapter, open_base
 from adaptool.io.kohya import kohya_file, looks_kohya
 from adaptool.output.model_folder import ModelFolder
-from adaptool.output.provenance import metadata, model_card
+from adaptool.output.provenance import adapter_name, base_name, metadata, model_card
 from adaptool.output.target import preflight
 from adaptool.plan import Plan
 from adaptool.plan.model import model_files, vocabulary_change
@@ -102,6 +102,7 @@ def plan_unload(base: str | None, adapters: list[str], output, force: bool, out_
     # The base opens first when given: kohya/LyCORIS files need it to map their module names.
     checkpoint = open_base(base) if base is not None else None
     folders = [open_adapter(a, checkpoint) for a in adapters]
+    named = [checkpoint] if checkpoint is not None else []  # what the user named, for the card's command line
     if base is None:
         base = folders[0].settings.base_model_name_or_path
         if not base:
@@ -109,6 +110,7 @@ def plan_unload(base: str | None, adapters: list[str], output, force: bool, out_
         checkpoint = open_base(base)
     inputs = input_paths(checkpoint, folders)
     preflight(output, force, inputs)
+    original = checkpoint
     ranges = replication_ranges(folders)
     if ranges:  # the adapter was trained on an expanded layer stack: fold it into that stack, un-shared
         checkpoint = replicate(checkpoint, ranges, folders[0].source)
@@ -116,7 +118,9 @@ def plan_unload(base: str | None, adapters: list[str], output, force: bool, out_
     for folder in folders:
         folder.check_finite()
         edits += edits_for(folder, checkpoint)
-    command = "adaptool unload " + "+".join([base, *adapters])
-    card = lambda stats: model_card(Path(output).name, command, base, folders, stats)  # noqa: E731
-    files = model_files(checkpoint, group_edits(edits), out_dtype, metadata("unload", base, folders))
+    names = [base_name(c) for c in named] + [adapter_name(f) for f in folders]
+    command = "adaptool unload " + "+".join(names)
+    title = " + ".join([base_name(original)] + names[len(named):])
+    card = lambda stats: model_card(title, command, folders, base=original, stats=stats)  # noqa: E731
+    files = model_files(checkpoint, group_edits(edits), out_dtype, metadata("unload", original, folders))
     return base, Plan(files, ModelFolder(checkpoint, out_dtype, card), inputs)

@@ -50,7 +50,7 @@ def resolve(spec: str, what: str = "model", allow_patterns: list[str] | None = N
         raise AdaptoolError(f"{what} {spec!r} not found", "give an existing folder or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
-    _bound_requests()
+    bound_requests()
     from huggingface_hub.errors import (
         GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
@@ -82,7 +82,7 @@ def _timeout_s() -> float:
     return value if value > 0 else HUB_TIMEOUT_S
 
 
-def _bound_requests() -> None:
+def bound_requests() -> None:
     """huggingface_hub's HTTP client waits forever by default (``timeout=None``, also passed per request): an
     endpoint that accepts and never answers would hang the run. Its transport gets a connect and per-read
     timeout for every request that sets none, unless the user installed a client factory of their own."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from adaptool.io.safetensors_file import read_header
+from adaptool.output.provenance import portable_reference
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -29,6 +30,14 @@ def written_ranks(written: dict[str, tuple]) -> dict[str, int]:
             if name.endswith(suffix):
                 ranks[name[len(PEFT_PREFIX):-len(suffix)]] = shape[0]
     return ranks
+
+
+def portable_config(config: dict) -> dict:
+    """``config`` with ``base_model_name_or_path`` in portable terms: a hub id stays, a local path becomes its folder
+    name (PEFT takes any string there; an output never holds a path of the machine that wrote it)."""
+    if config.get("base_model_name_or_path"):
+        config = {**config, "base_model_name_or_path": portable_reference(config["base_model_name_or_path"])}
+    return config
 
 
 @dataclass
@@ -47,7 +56,7 @@ class PeftAdapterFolder:
 
     def finish(self, folder: Path, plan, stats) -> None:
         lora_bias = any(name.endswith("lora_B.bias") for name in stats.written)
-        self.written_config = self.config(written_ranks(stats.written), lora_bias)
+        self.written_config = portable_config(self.config(written_ranks(stats.written), lora_bias))
         (folder / "adapter_config.json").write_text(json.dumps(self.written_config, indent=2, sort_keys=True) + "\n")
         (folder / "README.md").write_text(self.card(self.written_config))
 

@@ -5,7 +5,9 @@ scale being ``alpha / r``; the ``ss_`` metadata keys are the ones kohya's sd-scr
 (``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha``, ``ss_network_args``).
 
 The engine writes the file into a temporary folder beside the target (:class:`~adaptool.output.target.AtomicFile`);
-it is renamed onto the target only once complete, so an interrupted run leaves nothing at the target path.
+its header then gets the file's own digests (:func:`adaptool.output.manifest.seal_file`: a single file has no folder
+for a manifest), and it is renamed onto the target only once complete, so an interrupted run leaves nothing at the
+target path.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 from adaptool.engine import EngineStats, run
 from adaptool.errors import AdaptoolError
 from adaptool.io.kohya import PREFIXES
+from adaptool.output.manifest import seal_file
 from adaptool.output.target import AtomicFile
 
 #: the file's name inside the temporary folder, before it is renamed onto the target
@@ -96,5 +99,6 @@ def execute_file(plan, target: Path, force: bool, device, on_start: Callable[[in
         on_start(plan.items, plan.nbytes_estimate)
     with AtomicFile(target, force, plan.inputs, inner=KOHYA_WEIGHTS) as tmp:
         stats = run(plan, tmp, device, on_progress)
+        seal_file(tmp / KOHYA_WEIGHTS)  # the file's own digests: `adaptool verify FILE` checks them
         plan.sink.finish(tmp, plan, stats)
     return stats

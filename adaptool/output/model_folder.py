@@ -15,6 +15,7 @@ from typing import Callable
 from adaptool.errors import AdaptoolError
 from adaptool.io.checkpoint import INDEX_NAME, Checkpoint
 from adaptool.io.side_files import copy_side_files
+from adaptool.output.provenance import portable_reference
 from adaptool.plan.model import vocabulary_change
 from adaptool.plan.replication import ReplicatedCheckpoint, update_config
 
@@ -42,6 +43,8 @@ class ModelFolder:
         if self.base.sharded:
             write_index(folder, plan)
         copy_side_files(self.base.root, folder, dtype_name(self.out_dtype))
+        for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+            portable_name_or_path(folder / name, key)
         if isinstance(self.base, ReplicatedCheckpoint):
             update_config(folder / "config.json", self.base)
         change = vocabulary_change(plan.files)
@@ -54,6 +57,23 @@ class ModelFolder:
         if stats.energy_kept():
             summary["energy_kept"] = stats.energy_kept()
         return summary
+
+
+def portable_name_or_path(path: Path, key: str) -> None:
+    """A copied JSON side file whose top-level ``key`` is a local path gets its folder name there instead (a hub id
+    stays); the file is left byte for byte as it was otherwise."""
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return  # not ours to repair: it is copied as the base has it
+    if not isinstance(data, dict) or not isinstance(data.get(key), str):
+        return
+    portable = portable_reference(data[key])
+    if portable != data[key]:
+        data[key] = portable
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def update_vocab_size(path: Path, old: int, new: int) -> None:

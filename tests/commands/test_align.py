@@ -311,11 +311,11 @@ def test_cli_main_path(pow2_set, tmp_path):
     assert rc == 0, err
     summary = json.loads(stdout)
     assert summary["rank"] == 8 and summary["fold_exact"] is True and summary["folders"] == [p.name for p in pow2_set]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in pow2_set)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in pow2_set), "adaptool-manifest.json"])
     rc, stdout, err = run_cli("align", *(str(p) for p in pow2_set[:2]), "-o", str(out), "--rank", "2", "--force")
     assert rc == 0, err
     assert "bit-exact" in stdout and "cut to rank 2" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["style-a", "style-b"]  # --force replaced the whole folder
+    assert sorted(p.name for p in out.iterdir()) == ["adaptool-manifest.json", "style-a", "style-b"]  # all replaced
 
 
 def _edited_copy(src: Path, dst: Path, config: dict | None = None, tensors=None) -> Path:

@@ -377,7 +377,10 @@ def test_initial_matches_peft(float_base, tmp_path, init, extra):
     ours, theirs = (json.loads((p / "adapter_config.json").read_text()) for p in (out, reference))
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights", "use_rslora",
                 "target_modules", "peft_type"):
-        assert ours[key] == theirs[key], key
+        if key == "target_modules":  # PEFT saves a set as a list: its order follows the process's hash seed
+            assert sorted(ours[key]) == sorted(theirs[key]), key
+        else:
+            assert ours[key] == theirs[key], key
     assert ours["init_lora_weights"] is True
     merged = peft_merged(float_base, [out], dtype=torch.float32)
     if not carried:
@@ -493,7 +496,8 @@ def test_cli(llama_base, tmp_path):
     assert "wrote" in out and "4 modules, rank 4" in out
     assert_same_tensors(tensors_of(back), tensors_of(adapter))
     assert json.loads((back / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/tiny-llama"
-    assert json.loads(header(kfile)["adaptool.adapters"])[0]["source"] == "someone/tiny-lora"
+    hub_entry = json.loads(header(kfile)["adaptool.adapters"])[0]
+    assert hub_entry["hub"] == "someone/tiny-lora" and len(hub_entry["revision"]) == 40  # the commit it resolved to
 
     before = snapshot(adapter, kfile)
     for args, target, needle in [((str(adapter), "-o", str(kfile), "--to", "kohya"), None, "already exists"),

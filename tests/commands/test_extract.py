@@ -108,7 +108,7 @@ def test_rank4_is_the_best_rank_k_and_unload_gives_tuned_back(llama_base, tuned_
     assert config["target_modules"] == modules and config["r"] == config["lora_alpha"] == 4
     assert config["modules_to_save"] == ["lm_head", "model.layers.0.input_layernorm"]
     assert config["fan_in_fan_out"] is False and config["task_type"] == "CAUSAL_LM"
-    assert config["base_model_name_or_path"] == str(llama_base)
+    assert config["base_model_name_or_path"] == llama_base.name  # a local base by its folder name, never the path
     assert torch.equal(tensors[PREFIX + NORM], load_output(tuned_llama)[NORM])
 
     assert summary["command"] == "extract" and summary["rank_out"] == [4, 4]
@@ -281,7 +281,8 @@ def test_bf16_tuned_and_dtype(llama_base, tmp_path):
     with safe_open(str(tmp_path / "f32" / "adapter_model.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["adaptool.command"] == "extract" and meta["adaptool.rule"] == "--rank 4"
-    assert meta["adaptool.tuned"] == str(tmp_path / "tuned") and meta["adaptool.base"] == str(llama_base)
+    assert json.loads(meta["adaptool.tuned"])["name"] == "tuned" and json.loads(meta["adaptool.base"])["name"] == "base"
+    assert str(tmp_path) not in json.dumps(meta) and str(llama_base) not in json.dumps(meta)
     assert "extract" in (tmp_path / "f32" / "README.md").read_text()
 
 

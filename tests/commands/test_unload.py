@@ -212,9 +212,12 @@ def test_provenance_and_card(llama_base, tmp_path):
     import hashlib
 
     h = hashlib.sha256((adapter / "adapter_config.json").read_bytes() + (adapter / "adapter_model.safetensors").read_bytes())
-    assert adapters[0]["sha256"] == h.hexdigest() and meta["adaptool.base"] == str(llama_base)
+    assert adapters[0]["sha256"] == h.hexdigest() and adapters[0]["name"] == "a" and "source" not in adapters[0]
+    assert json.loads(meta["adaptool.base"])["name"] == "base"  # portable: a name, never the path
+    assert len(json.loads(meta["adaptool.base"])["headers_sha256"]) == 64 and len(meta["adaptool.recipe_sha256"]) == 64
     card = (out / "README.md").read_text()
-    assert f"base_model: {llama_base}" in card and str(adapter) in card
+    assert "base_model:" not in card  # a local base is no hub id
+    assert "adaptool unload base+a" in card and str(tmp_path) not in card and str(llama_base) not in card
     assert (out / "config.json").exists() and (out / "generation_config.json").exists()
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_output(out).values())
 
