@@ -42,6 +42,7 @@ from adaptool.plan.merge import (
 )
 from adaptool.recipe import Recipe, as_written, load_recipe, value_at
 from adaptool.strategies import peft_effective_type, peft_new_rank
+from adaptool.strategies.workspace import Workspace
 
 
 @dataclass
@@ -145,7 +146,7 @@ def plan_lora_merge(recipe, folders, weights, base, inputs) -> tuple[Plan, dict,
     if recipe.output.kind == "adapter":
         dtype = output_dtype(recipe, folders)
         modules = [_merged_module(g, spec, dtype) for g in groups.values()]
-        plan = adapter_plan(recipe, folders, modules, inputs)
+        plan = adapter_plan(recipe, folders, modules, inputs, base)
     else:
         plan = model_plan(recipe, folders, _fold_edits(folders, groups, dora, spec, base), base, inputs)
     return plan, overview, [*recipe.notes, *rule_notes]
@@ -265,13 +266,14 @@ def _fold_edits(folders, groups, dora, spec, base) -> list:
                                     "keep modules_to_save/trainable tokens in one adapter only")
             replaced[e.target] = f.source
             edits.append(e)
+    workspace = Workspace()  # block buffers faulted in once for every module, and a helper thread
     for g in groups.values():
         first = g.entries[0][1]
         resolve = TensorResolver(base, first.adapter)
         target_name = resolve.tensor(g.path, "weight")
         w_shape = base.tensors[target_name].shape
         fifo = layout_in(first.adapter, first, base, w_shape)
-        rows = MergedRows(g.path, [(m, w) for _, m, w in g.entries], spec, g.kind, fifo, tuple(w_shape))
+        rows = MergedRows(g.path, [(m, w) for _, m, w in g.entries], spec, g.kind, fifo, tuple(w_shape), workspace)
         edits.append(AddDelta(target_name, "the merged adapters", rows, row_wise=g.kind != "conv"))
         biases = [(m, w) for _, m, w in g.entries if m.bias_key]
         if biases:

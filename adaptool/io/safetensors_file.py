@@ -1,9 +1,8 @@
 """Lazy, copy-friendly access to one ``.safetensors`` file.
 
-We parse the header ourselves instead of memory-mapping the file: a tensor is read with one
-``readinto`` into a fresh buffer, so resident memory holds only the tensors in flight (an mmap would keep
-every touched page of a 5 GB shard resident), and an unchanged tensor can be copied file-to-file by the
-kernel without ever entering Python.
+We parse the header ourselves instead of memory-mapping the file: a tensor (or a block of its rows) is read
+with one ``pread`` into a buffer, so resident memory holds only the tensors in flight (an mmap would keep
+every touched page of a 5 GB shard resident), and a truncated file is a clean error, never a SIGBUS.
 """
 
 from __future__ import annotations
@@ -238,34 +237,3 @@ def prefetch(handle, info: TensorInfo) -> None:
         os.posix_fadvise(handle.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
     except (AttributeError, OSError):
         pass
-
-
-def copy_range(src, dst, start: int, length: int) -> None:
-    """Copy ``length`` bytes at ``start`` of open file ``src`` to the current end of ``dst``, in the kernel."""
-    dst.flush()
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    offset = start
-    remaining = length
-    out_offset = os.lseek(dst_fd, 0, os.SEEK_CUR)
-    try:
-        while remaining > 0:
-            n = os.copy_file_range(src_fd, dst_fd, remaining, offset, out_offset)
-            if n == 0:
-                raise OSError("short copy")
-            offset += n
-            out_offset += n
-            remaining -= n
-        os.lseek(dst_fd, out_offset, os.SEEK_SET)
-        return
-    except (OSError, AttributeError):
-        # Cross-device or unsupported filesystems: fall back to a bounded buffered copy.
-        pass
-    os.lseek(dst_fd, out_offset, os.SEEK_SET)
-    src.seek(offset)
-    chunk = 64 * 1024 * 1024
-    while remaining > 0:
-        data = src.read(min(chunk, remaining))
-        if not data:
-            raise AdaptoolError(f"{src.name}: file is truncated", "re-download the checkpoint")
-        dst.write(data)
-        remaining -= len(data)

@@ -21,6 +21,7 @@ from adaptool.strategies import (
     truncate_lowrank,
 )
 from adaptool.strategies.blockwise import BlockwiseMerge
+from adaptool.strategies.workspace import Workspace
 
 SVD_SUFFIX = "_svd"
 LOWRANK_STRATEGIES = ("linear", "cat", "svd")
@@ -63,7 +64,8 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() > 2 else t
 
 
-def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool = False) -> Combined:
+def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool = False,
+                   workspace: Workspace | None = None) -> Combined:
     """Merge one module.
 
     Args:
@@ -73,6 +75,8 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
         device: where the math runs.
         fifo (bool): the base stores this weight (in, out) (GPT-2 Conv1D); PEFT's svd path prunes the
             transposed delta, which only matters in ``space: factors``.
+        workspace (Workspace | None): working buffers and a helper thread shared across modules, for a
+            block-wise (dense) result (see :class:`~adaptool.strategies.blockwise.BlockwiseMerge`).
     """
     factors = [m.factors(device) for m, _ in entries]
     Bs = [flat(b) for b, _ in factors]
@@ -96,7 +100,7 @@ def combine_module(path: str, entries: list, spec: MergeSpec, device, fifo: bool
         return Combined(Bk, Ak, energy=energy, truncated=Bk.shape[1] < B.shape[1])
     generators = [generator_for(spec.seed, f"{path}#{i}", device) for i in range(len(Bs))]
     merged = BlockwiseMerge(Bs, As, scalings, weights, spec.strategy, density, spec.majority_sign_method,
-                            generators, spec.convention)
+                            generators, spec.convention, workspace=workspace)
     if not (spec.to_adapter or spec.strategy.endswith(SVD_SUFFIX)):
         return Combined(dense=merged)
     Bk, Ak, energy = refactor(merged.full(), spec.rank or max_rank)
@@ -137,15 +141,18 @@ def rows_in_base_layout(c: Combined, kind: str, fifo: bool, weight_shape: tuple[
 class MergedRows:
     """``device -> (start, stop) -> rows of the merged ΔW`` of one module in the base weight's layout, for
     :class:`~adaptool.ops.edits.AddDelta`; once called, ``energy_kept`` is (module, share of energy its rank cut
-    kept), or None when nothing was cut."""
+    kept), or None when nothing was cut. The modules of one plan share ``workspace`` (the engine streams one
+    tensor at a time)."""
 
-    def __init__(self, path: str, entries: list, spec: MergeSpec, kind: str, fifo: bool, weight_shape: tuple[int, ...]):
+    def __init__(self, path: str, entries: list, spec: MergeSpec, kind: str, fifo: bool, weight_shape: tuple[int, ...],
+                 workspace: Workspace | None = None):
         self.path, self.entries, self.spec = path, entries, spec
         self.kind, self.fifo, self.weight_shape = kind, fifo, weight_shape
+        self.workspace = workspace
         self.energy_kept: tuple[str, float] | None = None
 
     def __call__(self, device):
-        c = combine_module(self.path, self.entries, self.spec, device, self.fifo)
+        c = combine_module(self.path, self.entries, self.spec, device, self.fifo, self.workspace)
         if c.truncated:
             self.energy_kept = (self.path, c.energy)
         rows, _ = rows_in_base_layout(c, self.kind, self.fifo, self.weight_shape)

@@ -15,7 +15,7 @@ from adaptool.device import resolve_dtype
 from adaptool.errors import AdaptoolError
 from adaptool.output.adapter_folder import PEFT_PREFIX
 from adaptool.output.model_folder import ModelFolder
-from adaptool.output.provenance import metadata, model_card
+from adaptool.output.provenance import metadata, model_card, portable_recipe, portable_spec
 from adaptool.plan.adapter import lora_adapter_plan, lora_config
 from adaptool.plan.model import model_files
 from adaptool.plan.plan import Computed, Plan
@@ -87,38 +87,46 @@ def peft_config(recipe, folders, ranks: dict[str, int], lora_bias: bool) -> dict
     for f in folders:
         if f.settings.trainable_token_indices:
             tokens = f.settings.trainable_token_indices
-    return lora_config(ranks, base_model=recipe.base or first.base_model_name_or_path, task_type=first.task_type,
+    return lora_config(ranks, base_model=portable_spec(recipe.base) or first.base_model_name_or_path,
+                       task_type=first.task_type,
                        revision=first.revision, lora_bias=lora_bias,
                        fan_in_fan_out=any(f.settings.fan_in_fan_out for f in folders),
                        modules_to_save=modules_to_save, trainable_token_indices=tokens)
 
 
-def recipe_yaml(recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def recipe_yaml(recipe, base=None, folders=()) -> str:
+    """The recipe as YAML; with the opened ``base`` and ``folders``, in portable terms (inputs by name, no output
+    path: :func:`adaptool.output.provenance.portable_recipe`), as outputs record it."""
+    data = portable_recipe(recipe, base, list(folders)) if folders else recipe.to_dict()
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _command(recipe) -> str:
-    return f"adaptool merge {recipe.source_path or ''}".strip()
+    return f"adaptool merge {Path(recipe.source_path).name if recipe.source_path else ''}".strip()
 
 
-def adapter_plan(recipe, folders, modules: list[Computed], inputs: list) -> Plan:
-    """A PEFT adapter folder holding ``modules`` (each a module's merged factors) and the carried tensors."""
-    meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
-    title = Path(recipe.output.path).name
+def _title(recipe) -> str:
+    return f"{Path(recipe.source_path).stem} (adaptool merge)" if recipe.source_path else "adaptool merge"
+
+
+def adapter_plan(recipe, folders, modules: list[Computed], inputs: list, base=None) -> Plan:
+    """A PEFT adapter folder holding ``modules`` (each a module's merged factors) and the carried tensors
+    (``base``: the opened base, when the recipe names one, for provenance)."""
+    meta = metadata("merge", base, folders, {"recipe": portable_recipe(recipe, base, folders)})
     return lora_adapter_plan(
         [*modules, carried_tensors(folders)], meta,
         config=lambda ranks, lora_bias: peft_config(recipe, folders, ranks, lora_bias),
-        card=lambda config: model_card(title, _command(recipe), config["base_model_name_or_path"], folders,
-                                       recipe_yaml=recipe_yaml(recipe)), inputs=inputs)
+        card=lambda config: model_card(_title(recipe), _command(recipe), folders, base=base,
+                                       base_model=config["base_model_name_or_path"],
+                                       recipe_yaml=recipe_yaml(recipe, base, folders)), inputs=inputs)
 
 
 def model_plan(recipe, folders, edits: list, base, inputs: list) -> Plan:
     """The base with ``edits`` folded in, streamed like ``unload``, the recipe in its model card."""
     out_dtype = resolve_dtype(recipe.output.dtype)
-    meta = metadata("merge", recipe.base, folders, {"recipe": recipe.to_dict()})
-    title = Path(recipe.output.path).name
-    card = lambda stats: model_card(title, _command(recipe), recipe.base, folders, stats,  # noqa: E731
-                                    recipe_yaml=recipe_yaml(recipe))
+    meta = metadata("merge", base, folders, {"recipe": portable_recipe(recipe, base, folders)})
+    card = lambda stats: model_card(_title(recipe), _command(recipe), folders, base=base, stats=stats,  # noqa: E731
+                                    recipe_yaml=recipe_yaml(recipe, base, folders))
     return Plan(model_files(base, group_edits(edits), out_dtype, meta), ModelFolder(base, out_dtype, card), inputs)
 
 
