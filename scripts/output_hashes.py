@@ -8,7 +8,7 @@
 
 ``run`` calls ``python -m adaptool`` with ``PYTHONPATH=<code>``, so any version of the CLI can be measured
 against the same fixtures. The cases: ``unload`` of every adapter type PEFT can merge (Llama and GPT-2),
-several adapters at once, a dtype change, and every recipe under ``recipes/`` (as the example test runs them).
+several adapters at once, a dtype change, and every recipe under ``recipes/`` (as tests/test_recipes_run.py runs them).
 Needs the test extra (transformers, peft) for ``build``.
 """
 
@@ -61,7 +61,8 @@ def build(root: Path) -> None:
     for name, config in peft_types.items():
         make_peft_adapter(llama, root / name, config)
     recipes = root / "recipes"
-    shutil.copytree(REPO / "recipes", recipes)
+    # only the recipes: the demo's inputs and outputs (git-ignored) may lie beside them
+    shutil.copytree(REPO / "recipes", recipes, ignore=shutil.ignore_patterns("base", "adapters", "out", ".demo-build-*"))
     shutil.copytree(llama, recipes / "base")
     for i, name in enumerate(["math", "code", "chat"]):
         make_adapter(recipes / "base", recipes / "adapters" / name, seed=10 + i, r=4, lora_alpha=8, target_modules=qv)

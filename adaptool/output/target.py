@@ -156,6 +156,35 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def flush_to_disk(path: Path) -> None:
+    """fsync ``path`` — a file, or a folder with every file and folder in it (deepest first) — so that a rename
+    that publishes it never exposes names whose bytes a crash could still lose. Files already synced (the engine's
+    tensor files) cost nothing here; what is left is the sink's small files and the folder entries."""
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, _, filenames in os.walk(path, topdown=False):
+            for name in filenames:
+                _fsync(os.path.join(dirpath, name))
+            _fsync(dirpath)
+    else:
+        _fsync(str(path))
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink the sink wrote: its target is not ours to sync
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):  # a filesystem without fsync
+            raise
+    finally:
+        os.close(fd)
+
+
 def _remove_surely(path: Path) -> None:
     """``_remove`` that a signal cannot cut short: interrupted, it finishes first, then lets the signal through."""
     pending = None
@@ -263,10 +292,12 @@ class AtomicDir:
         Interrupted half-way, the old target is put back and the new folder removed."""
         old = self.target.parent / f"{OLD_MARK}{_key(self.target.name)}-{os.getpid()}"
         try:
+            flush_to_disk(self.tmp)
             self._check_target()
             if os.path.lexists(self.target):
                 os.rename(self.target, old)
             os.rename(self.tmp, self.target)
+            _fsync(str(self.target.parent))  # the rename itself
         except BaseException:
             if os.path.lexists(self.tmp):  # not swapped: restore the old target, drop the new one
                 if os.path.lexists(old) and not os.path.lexists(self.target):
@@ -309,7 +340,9 @@ class AtomicFile(AtomicDir):
         try:
             if not written.is_file() or written.is_symlink():
                 raise AdaptoolError(f"nothing was written for {self.target}", "this is a bug; please report it")
+            flush_to_disk(written)
             self._check_target()
             os.rename(written, self.target)
+            _fsync(str(self.target.parent))
         finally:
             _remove_surely(self.tmp)

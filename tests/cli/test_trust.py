@@ -323,3 +323,72 @@ def test_merge_to_adapter_checks_shapes_against_the_named_base(inputs, tmp_path)
     for extra in ([], ["--dry-run"]):
         rc, stdout, err = run_cli("merge", str(recipe), *extra)
         assert_refused(rc, stdout, err, out, None, 2, "does not fit the base")
+
+
+SLOW_COMPUTED_RUN = (
+    "import sys, time\n"
+    "from adaptool import engine\n"
+    "real = engine._checked\n"
+    "def slow(*a):\n"
+    "    time.sleep(0.3); return real(*a)\n"
+    "engine._checked = slow\n"
+    "from adaptool.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+@pytest.mark.parametrize("command", ["edit", "align", "convert"])
+def test_ctrl_c_mid_run_of_the_surgery_commands(inputs, tmp_path, tmp_path_factory, command):
+    """Ctrl-C while edit, align or convert computes: exit 130, one line, nothing at or beside the target, the
+    inputs untouched (convert's target is a single file, swapped in by AtomicFile)."""
+    _, _, lora = inputs
+    other = Path(shutil.copytree(lora, tmp_path_factory.mktemp("other") / "other-lora"))
+    before = snapshot(lora, other)
+    out = tmp_path / ("lora.safetensors" if command == "convert" else "out")
+    args = {"edit": ["edit", str(lora), "-o", str(out), "--drop", "v_proj"],
+            "align": ["align", str(lora), str(other), "-o", str(out)],
+            "convert": ["convert", str(lora), "-o", str(out), "--to", "kohya"]}[command]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_COMPUTED_RUN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _wait_for_temp(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert_refused(proc.returncode, stdout, stderr, out, before, 130, "interrupted", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_output_file_and_folder_is_on_disk_before_the_swap(inputs, tmp_path, monkeypatch):
+    """A crash right after the rename must not expose empty side files: the sink's files (config, index, card,
+    manifest), the folder itself and, after the rename, its parent are fsynced."""
+    from adaptool.commands.unload import unload
+    from adaptool.output import target as target_module
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(target_module.os, "fsync", record)
+    out = tmp_path / "out"
+    _, base, lora = inputs
+    unload(str(base), [str(lora)], out)
+    tmp = next(Path(p) for p in synced if ".adaptool-tmp-" in p and Path(p).name.startswith(".adaptool-tmp-"))
+    names = {Path(p).relative_to(tmp).as_posix() for p in synced if p.startswith(str(tmp) + "/")}
+    assert {"config.json", "model.safetensors.index.json", "README.md", "adaptool-manifest.json"} <= names
+    assert str(tmp) in synced and synced[-1] == str(tmp_path)  # the folder, then the rename in its parent
+    assert all(not p.startswith(str(out)) for p in synced)  # nothing walked after the swap
+
+
+def test_single_file_output_is_on_disk_before_the_swap(tmp_path, monkeypatch):
+    """convert --to kohya's AtomicFile: the file, then the rename in its folder."""
+    from adaptool.output import target as target_module
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(target_module.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                real(fd))[1])
+    with target_module.AtomicFile(tmp_path / "f.bin", inner="f.bin") as tmp:
+        (tmp / "f.bin").write_bytes(b"x")
+    assert synced[-1] == str(tmp_path) and any(p.endswith("/f.bin") for p in synced[:-1])
