@@ -121,7 +121,8 @@ def adapter_section(base: Path, loras: tuple[Path, Path, Path], out: Path, devic
                          f"{phases['merge'] / s['seconds']:.0f}x in-process", load))
         if strategy == "svd":
             peft_dir = str(out / "peft-svd") if "svd" in peft_types else "-"
-            svd_check = measure([sys.executable, "-c", CHECK, str(a), str(b), str(out / "svd"), peft_dir, "0.6", "0.4", "16"])
+            svd_check = measure([sys.executable, "-c", CHECK, str(a), str(b), str(out / "svd"), peft_dir,
+                                 "0.6", "0.4", "16"])
     return rows, svd_check
 
 
@@ -142,7 +143,8 @@ def base_section(base: Path, loras: tuple[Path, Path], out: Path, device: str, s
         rows.append((f"#{i + 1}", "unload (1 adapter)", f"{unload['seconds']:.2f}", f"{engine:.2f}",
                      gib(unload["peak_rss"]), "1.00x", load))
         for strategy in strategies:
-            recipe = (f"base: {base}\nadapters:\n  - {{path: {lora_a}, weight: 0.6}}\n  - {{path: {lora_c}, weight: 0.4}}\n"
+            recipe = (f"base: {base}\nadapters:\n  - {{path: {lora_a}, weight: 0.6}}\n"
+                      f"  - {{path: {lora_c}, weight: 0.4}}\n"
                       f"strategy: {strategy}\nparameters: {{density: 0.5, seed: 1, convention: {convention}}}\n"
                       f"output: {{path: {out}/{strategy}-model, kind: model}}\ndevice: {device}\n")
             load = load_average()

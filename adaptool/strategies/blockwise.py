@@ -36,7 +36,7 @@ How it is fast and still bit-identical to the plain evaluation
 * The elected sign is ``2·[T >= 0] - 1`` and agreement ``sign(p) == it``, as float tensors (boolean
   tensors are ~4x slower per element); mergekit's ``divisor.masked_fill_(divisor == 0, 1)`` is
   ``divisor + [divisor == 0]``; DARE's mask is a float 0/1 tensor (``d·1.0``, ``d·0.0`` as from a boolean).
-* The element-wise work runs over ~2 MB row tiles of the engine's ~8 MB block, so its buffers stay in cache
+* The element-wise work runs over ~1 MB row tiles of the engine's ~8 MB block, so its buffers stay in cache
   (2x faster), where :func:`position_free` shows that no operation's rounding depends on where an element
   sits in a loop (else over whole blocks, the reference's shapes).
 * Buffers and a helper thread come from a :class:`~adaptool.strategies.workspace.Workspace` shared by the
@@ -62,7 +62,7 @@ from adaptool.strategies.workspace import Workspace
 __all__ = ["BlockwiseMerge", "CACHE_LIMIT", "TILE_ELEMS", "kth_largest_abs", "position_free"]
 
 CACHE_LIMIT = 512 << 20  # bytes of ΔW row blocks (all adapters) kept from the threshold pass for the merge
-TILE_ELEMS = 1 << 19  # element-wise work runs over ~2 MB row tiles of a block (a dozen buffers stay in cache)
+TILE_ELEMS = 1 << 18  # element-wise work runs over ~1 MB row tiles of a block (a dozen buffers stay in cache)
 _SAFE = 1e37  # bounds below this leave float32 (max 3.4e38) a 34x margin: no delta or tally can overflow
 _ALIGN = 16  # cached row blocks start on 64-byte boundaries, like freshly allocated tensors
 _F32 = torch.float32

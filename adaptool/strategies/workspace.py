@@ -3,8 +3,9 @@
 Buffers: a fresh 8 MB float32 buffer costs ~3 ms of page faults the first time it is written on this kind of
 machine, more than the arithmetic done in it; a merge folded into a base runs a dozen working buffers per block
 and keeps each adapter's ΔW (46 MB per adapter for a 5632 x 2048 MLP weight) from one pass to the next. One
-:class:`Workspace` is made per plan and handed to every module, so the buffers are faulted in once per run. Only CPU buffers are kept (CUDA's caching allocator already reuses memory), each at most
-``limit_bytes``; larger ones are allocated fresh. A buffer taken under a name stays valid until the same name is
+:class:`Workspace` is made per plan and handed to every module, so the buffers are faulted in once per run.
+Only CPU buffers are kept (CUDA's caching allocator already reuses memory), each at most ``limit_bytes``;
+larger ones are allocated fresh. A buffer taken under a name stays valid until the same name is
 taken again, so nothing taken here may leave the module that took it (a result handed to the engine is a tensor
 of its own); names taken with an ``owner`` are shared by every thread (a module's cached ΔW), the others are per
 thread (the working buffers of a tile).
@@ -18,6 +19,7 @@ the 1.6 GB benchmark base: 7.4 s instead of 9.7 s end to end).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,41 +44,41 @@ class Workspace:
     def __init__(self, limit_bytes: int = DEFAULT_LIMIT, helper: bool = True):
         self.limit_bytes = limit_bytes
         self.helper = helper
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}  # (name,) shared, (thread, name) per thread -> flat buffer
+        self._views: dict[tuple, torch.Tensor] = {}  # (buffer key, shape, dtype) -> its view
         self._owners: dict[tuple, object] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._cores = os.cpu_count() or 1
 
     def keeps(self, nbytes: int, device) -> bool:
         """Whether a buffer of ``nbytes`` on ``device`` would be kept for reuse."""
-        return torch.device(device).type == "cpu" and nbytes <= self.limit_bytes
+        return getattr(device, "type", device) == "cpu" and nbytes <= self.limit_bytes
 
     def take(self, name: str, shape, dtype: torch.dtype, device, owner: object = None) -> torch.Tensor:
         """A contiguous ``shape`` tensor starting at an aligned address (the start of its buffer); ``owner``
-        marks who took it last (see :meth:`held_by`) and makes the name shared by all threads."""
+        marks who took it last (see :meth:`held_by`) and makes the name shared by all threads. Called a dozen
+        times per tile, so it is kept to a few dictionary look-ups (a view once made is handed out again)."""
         shape = tuple(shape)
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         if not self.keeps(numel * dtype.itemsize, device):
             return torch.empty(shape, dtype=dtype, device=device)
-        key = self._key(name, owner is not None)
-        with self._lock:
-            buf = self._buffers.get(key)
-            if buf is None or buf.dtype != dtype or buf.numel() < numel:
-                self._buffers.pop(key, None)  # let the old one go before the new one is faulted in
-                buf = torch.empty(max(numel, 1), dtype=dtype)
-                self._buffers[key] = buf
+        key = (name,) if owner is not None else (threading.get_ident(), name)
+        if owner is not None:
             self._owners[key] = owner
-        return buf[:numel].view(shape)
+        view = self._views.get((key, shape, dtype))
+        if view is not None:
+            return view
+        buf = self._buffers.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            self._buffers.pop(key, None)  # let the old one go before the new one is faulted in
+            self._views = {k: v for k, v in self._views.items() if k[0] != key}
+            buf = self._buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+        view = self._views[(key, shape, dtype)] = buf[:numel].view(shape)
+        return view
 
     def held_by(self, name: str, owner: object) -> bool:
         """Whether the shared buffer ``name`` was last taken by ``owner``."""
-        return self._owners.get(self._key(name, True)) is owner
-
-    @staticmethod
-    def _key(name: str, shared: bool) -> tuple:
-        return (name,) if shared else (threading.get_ident(), name)
+        return self._owners.get((name,)) is owner
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], device) -> list[R]:
         """``[fn(x) for x in items]``, the items shared out between this thread and the helper when it may run
@@ -113,8 +115,8 @@ class Workspace:
 
     def _helps(self, device) -> bool:
         """The helper runs where the maths is on the CPU with one torch thread and another core is there."""
-        return (self.helper and torch.device(device).type == "cpu" and torch.get_num_threads() == 1
-                and (os.cpu_count() or 1) >= 2)
+        return (self.helper and getattr(device, "type", device) == "cpu" and self._cores >= 2
+                and torch.get_num_threads() == 1)
 
     def _helper_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -121,7 +121,8 @@ def _assert_identical(ref, fast, shape):
     assert _same(fast.full(), ref.full())
     rows = max(1, (1 << 21) // shape[1])  # the engine's row blocks (the cached ones)
     for s in range(0, shape[0], rows):
-        assert _same(fast.block(rows=slice(s, min(shape[0], s + rows))), ref.block(rows=slice(s, min(shape[0], s + rows))))
+        block = slice(s, min(shape[0], s + rows))
+        assert _same(fast.block(rows=block), ref.block(rows=block))
     step = shape[1] // 3 + 1  # column blocks: embeddings and GPT-2 Conv1D weights are streamed transposed
     for s in range(0, shape[1], step):
         assert _same(fast.block(cols=slice(s, s + step)), ref.block(cols=slice(s, s + step)))
