@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The --device cuda checks in one go, for a machine with a CUDA GPU: the GPU tests, then unload / merge into a
+# base / resize on cuda and on cpu side by side (same machine, back to back), then the 3B-shaped unload.
+#
+#   bash benchmarks/gpu_check.sh            # logs to $OUT (default /tmp/adaptool-gpu-check)
+#
+# Runs from a checkout without installing it (PYTHONPATH); wheels in .whl/ (e.g. peft==0.21.2, the tests' oracle)
+# are installed to /tmp/site first when present. Each step has its own time limit so one slow step cannot eat the rest.
+set -u
+OUT=${OUT:-/tmp/adaptool-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+py=${PYTHON:-python3}
+
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, say how it ended
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name: $*"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$py -c "import torch, transformers, peft, safetensors; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      'transformers', transformers.__version__, 'peft', peft.__version__, 'safetensors', safetensors.__version__)"
+nproc; free -g | head -2
+
+step gpu_tests 120 $py -m pytest -p no:cacheprovider -q -n 8 -x \
+    tests/test_engine_gpu.py tests/adapters/test_families.py::test_every_type_on_cuda_matches_cpu \
+    tests/commands/test_resize.py::test_cuda_matches_cpu
+step unload_16L 90 $py benchmarks/unload.py --device cuda --layers 16 --skip-peft --repeat 2
+step unload_16L_cpu 80 $py benchmarks/unload.py --device cpu --layers 16 --skip-peft --repeat 2
+step merge_base 100 $py benchmarks/merge.py --device cuda --sections base --into-base ties dare_ties --repeat 1
+step resize 70 $py benchmarks/resize.py --device cuda --runs 2
+step unload_3b $(( ${BUDGET:-530} - SECONDS )) $py benchmarks/unload.py --device cuda --shape 3b --layers 28 --repeat 1
