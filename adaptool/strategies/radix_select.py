@@ -4,8 +4,8 @@ Pass 1 rounds each block's magnitudes to bfloat16 (round to nearest is monotone,
 contiguous range of float32 values: a bucket) and histograms the 16-bit patterns; the histogram names the
 bucket that holds the k-th largest and how many values lie above it. Pass 2 picks that bucket's values out
 (a byte mask read eight bytes at a time, so the few hits cost little: ~4x faster than ``masked_select``) and
-``kthvalue`` finishes among them. Per 2M values on one core: ~1.9 ms for pass 1 (most of it ``bincount``),
-~0.8 ms for pass 2, against ~40 ms for ``torch.kthvalue`` on the whole tensor.
+``kthvalue`` finishes among them. Per 2M values on one core: ~1.6 ms for pass 1 (most of it ``bincount``),
+~1.2 ms for pass 2, against ~40 ms for ``torch.kthvalue`` on the whole tensor.
 """
 
 from __future__ import annotations
@@ -49,23 +49,24 @@ def kth_largest_abs_blocks(blocks: Callable[[], Iterable[torch.Tensor]], k: int,
     wanted = _BINS - 1 - idx
     parts = []
     for x, ids in zip(blocks(), kept):
-        hit = ws.take("radix.hit", ids.shape, torch.uint8, x.device)
-        torch.eq(ids, wanted, out=hit)
+        hit = ws.take("radix.hit", ids.shape, torch.bool, x.device)
+        torch.eq(ids, wanted, out=hit)  # into bool: ~2x faster than into uint8 (no cast)
         parts.append(select_where(x, hit))
     bucket = torch.cat(parts).abs_()
     return torch.kthvalue(bucket, bucket.numel() - (k - above) + 1).values
 
 
 def _bucket_ids(x: torch.Tensor, ws: Workspace, name: str) -> torch.Tensor:
-    """bfloat16 patterns of ``|x|`` as int16 (all >= 0): ordered like the magnitudes."""
+    """bfloat16 patterns of ``|x|`` as int16 (all >= 0): ordered like the magnitudes. The sign bit is cleared by
+    a bitwise and (the bits of ``abs``, ~2x faster)."""
     ids = ws.take(name, x.shape, torch.bfloat16, x.device)
     ids.copy_(x)
-    return ids.abs_().view(torch.int16)
+    return ids.view(torch.int16).bitwise_and_(0x7FFF)
 
 
 def select_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x[mask]`` (flattened, in order) for a uint8 0/1 ``mask`` with few ones: the mask is scanned as int64
-    words, and only the words holding a one are gathered and looked at (~4x faster than ``masked_select``)."""
+    """``x[mask]`` (flattened, in order) for a bool (or uint8 0/1) ``mask`` with few ones: the mask is scanned as
+    int64 words, and only the words holding a one are gathered and looked at (~4x faster than ``masked_select``)."""
     flat, m = x.reshape(-1), mask.reshape(-1)
     if m.storage_offset() % 8:
         return flat[m.view(torch.bool)]
