@@ -43,7 +43,7 @@ READ_AHEAD = 1  # row blocks read ahead of the math
 READ_AHEAD_MAX = 32 << 20  # bytes: a bigger block (a tensor edited whole) is read when it is needed
 KEEP_MAX = 64 << 20  # bytes: a bigger buffer is not kept for the next block
 BLOCK_ELEMS = 1 << 21  # ~8 MB of float32 per row block: the math stays in cache on a CPU
-BLOCK_ELEMS_CUDA = 1 << 28
+BLOCK_ELEMS_CUDA = 1 << 23  # a GPU block: small enough to be read ahead (READ_AHEAD_MAX) even from float32
 RETENTION_SAMPLE = 4  # measure rounding loss on every 4th block
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
@@ -297,7 +297,7 @@ def _stream_tensor(reader: "_ReadAhead", src, info, out, eds, device, stats: Eng
             if not fns:
                 emit(_converted(info.name, raw, eds, out_dtype, device))
                 continue
-            w0 = buffers.take("base", raw.numel(), torch.float32, device).view(raw.shape).copy_(raw)
+            w0 = buffers.take("base", raw.numel(), torch.float32, device).view(raw.shape).copy_(_on(raw, device))
         w = w0
         for fn in fns:
             w = fn(w, w0, start, stop)
@@ -393,10 +393,16 @@ def _job_bytes(job) -> int:
 
 def _converted(name: str, raw, eds, out_dtype, device):
     """An unedited block in another dtype (through float32 on a GPU), checked finite, as a fresh CPU tensor."""
-    converted = raw.to(device=device, dtype=torch.float32).to(out_dtype) if device.type != "cpu" else raw.to(out_dtype)
+    converted = _on(raw, device).to(torch.float32).to(out_dtype) if device.type != "cpu" else raw.to(out_dtype)
     if converted.is_floating_point() and not _all_finite(converted):
         _blame_non_finite(name, raw, eds, out_dtype)
     return _fresh_cpu(converted, raw)
+
+
+def _on(raw, device):
+    """``raw`` moved to ``device`` in its own dtype: a copy to a GPU with a dtype change would convert on the CPU
+    first and send twice the bytes of a bfloat16 block."""
+    return raw if device.type == "cpu" else raw.to(device)
 
 
 def _fresh_cpu(block, reused):

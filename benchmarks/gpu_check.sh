@@ -37,6 +37,7 @@ step gpu_tests 120 $py -m pytest -p no:cacheprovider -q -n 8 -x \
     tests/commands/test_resize.py::test_cuda_matches_cpu
 step unload_16L 90 $py benchmarks/unload.py --device cuda --layers 16 --skip-peft --repeat 2
 step unload_16L_cpu 80 $py benchmarks/unload.py --device cpu --layers 16 --skip-peft --repeat 2
+step unload_3b 150 $py benchmarks/unload.py --device cuda --shape 3b --layers 28 --repeat 1
+step unload_3b_cpu 80 $py benchmarks/unload.py --device cpu --shape 3b --layers 28 --repeat 1
 step merge_base 100 $py benchmarks/merge.py --device cuda --sections base --into-base ties dare_ties --repeat 1
-step resize 70 $py benchmarks/resize.py --device cuda --runs 2
-step unload_3b $(( ${BUDGET:-530} - SECONDS )) $py benchmarks/unload.py --device cuda --shape 3b --layers 28 --repeat 1
+step resize_cpu $(( ${BUDGET:-530} - SECONDS )) $py benchmarks/resize.py --device cpu --runs 2
