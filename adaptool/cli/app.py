@@ -9,7 +9,7 @@ import typer
 
 from adaptool.version import __version__
 from adaptool.cli.options import (AsJson, Base, Device, Dtype, Force, MaxRank, OptionalDevice, OptionalOutput, Output,
-                                  Quiet, Rank, SvCumulative, SvFro, SvRatio)
+                                  Quiet, Rank, SmallMathDevice, SvCumulative, SvFro, SvRatio)
 from adaptool.cli.options import Private, PushToHub, Revision
 from adaptool.cli.render import report, report_inspect, run_with_progress
 from adaptool.cli.help_format import HELP_SETTINGS, PlainHelpGroup
@@ -137,7 +137,7 @@ def resize(
     max_rank: MaxRank = None,
     base: Base = None,
     dtype: Dtype = None,
-    device: Device = "auto",
+    device: SmallMathDevice = "auto",
     force: Force = False,
     as_json: AsJson = False,
     quiet: Quiet = False,

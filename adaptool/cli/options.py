@@ -16,6 +16,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on suc
                                                              "their one line.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Output dtype: float32, float16, bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
+SmallMathDevice = Annotated[str, typer.Option("--device", help="Where the math runs: auto (here the CPU: r×r matrices "
+                                                               "gain nothing from a GPU's transfers), cpu, cuda, "
+                                                               "cuda:N.")]
 OptionalDevice = Annotated[Optional[str], typer.Option("--device", help="Where the math runs: auto, cpu, cuda, cuda:N.")]
 Base = Annotated[Optional[str], typer.Option("--base", help="Base model (folder or hub id org/name[@rev]).")]
 Rank = Annotated[Optional[int], typer.Option("--rank", help="Keep min(R, rank of ΔW) singular values per module.")]

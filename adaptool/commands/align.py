@@ -149,7 +149,7 @@ def align(
     adapters = [str(a) for a in adapters]
     preflight(output, force, [a for a in adapters if Path(a).expanduser().exists()])
     out_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
+    dev = resolve_device(device, gpu_pays=False)
     with collected_notes() as notes:
         plan, inputs, slots, R, reports = plan_align(adapters, output, rank, force, out_dtype)
     stats = execute(plan, Path(output), force, dev, on_start, on_progress)

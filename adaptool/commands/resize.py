@@ -107,7 +107,7 @@ def resize(
         rule (RankRule): ``--rank``/``--sv-fro``/``--sv-cumulative``/``--sv-ratio`` and ``--max-rank``.
         base (str | None): the base model; needed for kohya files and for LoHa, LoKr and AdaLoRA inputs.
         dtype (str | None): output dtype of the factors. Default: each module's input dtype.
-        device (str): auto, cpu, cuda or cuda:N.
+        device (str): auto (the CPU: see :func:`~adaptool.device.resolve_device`), cpu, cuda or cuda:N.
         force (bool): replace a non-empty output folder.
         on_start, on_progress: progress callbacks (units: bytes).
 
@@ -121,7 +121,7 @@ def resize(
                             "build it with RankRule.from_options(rank=16) or similar")
     preflight(output, force, [s for s in (base, adapter) if s and Path(s).expanduser().exists()])
     out_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
+    dev = resolve_device(device, gpu_pays=False)
     with collected_notes() as notes:
         plan, folder, results = plan_resize(adapter, output, rule, base, out_dtype, force)
     stats = execute(plan, Path(output), force, dev, on_start, on_progress)
