@@ -32,12 +32,21 @@ $py -c "import torch, transformers, peft, safetensors; print('torch', torch.__ve
       'transformers', transformers.__version__, 'peft', peft.__version__, 'safetensors', safetensors.__version__)"
 nproc; free -g | head -2
 
-step gpu_tests 120 $py -m pytest -p no:cacheprovider -q -n 8 -x \
+# STEPS: which steps to run (default all), e.g. STEPS="gpu_tests extract" bash benchmarks/gpu_check.sh
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+want gpu_tests && step gpu_tests 120 $py -m pytest -p no:cacheprovider -q -n 8 -x \
     tests/test_engine_gpu.py tests/adapters/test_families.py::test_every_type_on_cuda_matches_cpu \
-    tests/commands/test_resize.py::test_cuda_matches_cpu
-step unload_16L 90 $py benchmarks/unload.py --device cuda --layers 16 --skip-peft --repeat 2
-step unload_16L_cpu 80 $py benchmarks/unload.py --device cpu --layers 16 --skip-peft --repeat 2
-step unload_3b 150 $py benchmarks/unload.py --device cuda --shape 3b --layers 28 --repeat 1
-step unload_3b_cpu 80 $py benchmarks/unload.py --device cpu --shape 3b --layers 28 --repeat 1
-step merge_base 100 $py benchmarks/merge.py --device cuda --sections base --into-base ties dare_ties --repeat 1
-step resize_cpu $(( ${BUDGET:-530} - SECONDS )) $py benchmarks/resize.py --device cpu --runs 2
+    tests/commands/test_resize.py::test_cuda_matches_cpu tests/test_device.py
+want unload_16L && step unload_16L 90 $py benchmarks/unload.py --device cuda --layers 16 --skip-peft --repeat 2
+want unload_16L_cpu && step unload_16L_cpu 80 $py benchmarks/unload.py --device cpu --layers 16 --skip-peft --repeat 2
+want unload_3b && step unload_3b 150 $py benchmarks/unload.py --device cuda --shape 3b --layers 28 --repeat 1
+want unload_3b_cpu && step unload_3b_cpu 80 $py benchmarks/unload.py --device cpu --shape 3b --layers 28 --repeat 1
+want merge_base && step merge_base 100 $py benchmarks/merge.py --device cuda --sections base --into-base ties dare_ties \
+    --repeat 1
+want merge_adapter && step merge_adapter 120 $py benchmarks/merge.py --device cuda --sections adapter --peft
+want merge_adapter_cpu && step merge_adapter_cpu 120 $py benchmarks/merge.py --device cpu --sections adapter --peft
+want extract && step extract 120 $py benchmarks/extract.py --device cuda --repeat 1 --mergekit ""
+want extract_cpu && step extract_cpu 90 $py benchmarks/extract.py --device cpu --repeat 1 --mergekit ""
+want resize && step resize 70 $py benchmarks/resize.py --device cuda --runs 2
+want resize_cpu && step resize_cpu $(( ${BUDGET:-530} - SECONDS )) $py benchmarks/resize.py --device cpu --runs 2
+exit 0
