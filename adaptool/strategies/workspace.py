@@ -47,6 +47,7 @@ class Workspace:
         self._buffers: dict[tuple, torch.Tensor] = {}  # (name,) shared, (thread, name) per thread -> flat buffer
         self._views: dict[tuple, torch.Tensor] = {}  # (buffer key, shape, dtype) -> its view
         self._owners: dict[tuple, object] = {}
+        self._lock = threading.Lock()  # taken only where a view is made; handing one out again is a look-up
         self._pool: ThreadPoolExecutor | None = None
         self._cores = os.cpu_count() or 1
 
@@ -68,12 +69,13 @@ class Workspace:
         view = self._views.get((key, shape, dtype))
         if view is not None:
             return view
-        buf = self._buffers.get(key)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            self._buffers.pop(key, None)  # let the old one go before the new one is faulted in
-            self._views = {k: v for k, v in self._views.items() if k[0] != key}
-            buf = self._buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
-        view = self._views[(key, shape, dtype)] = buf[:numel].view(shape)
+        with self._lock:  # the helper and the caller may both be here (their first tiles): the dicts change
+            buf = self._buffers.get(key)
+            if buf is None or buf.dtype != dtype or buf.numel() < numel:
+                self._buffers.pop(key, None)  # let the old one go before the new one is faulted in
+                self._views = {k: v for k, v in self._views.items() if k[0] != key}
+                buf = self._buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+            view = self._views[(key, shape, dtype)] = buf[:numel].view(shape)
         return view
 
     def held_by(self, name: str, owner: object) -> bool:

@@ -233,6 +233,38 @@ def test_workspace_buffers_owners_and_threads():
     ws.close()
 
 
+def test_workspace_takes_from_several_threads_at_once():
+    """The helper and the calling thread take their first buffers at the same moment: making views (and dropping
+    a grown buffer's old ones) from both at once must not break (it raised 'dictionary changed size during
+    iteration' before the views were made under a lock)."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    ws, errors = Workspace(), []
+
+    def work(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        try:
+            for i in range(3000):
+                n = int(torch.randint(1, 64, (1,), generator=g))
+                view = ws.take(f"b{i % 50}", (n, 3), torch.float32, "cpu", owner=None if i % 3 else object())
+                assert view.shape == (n, 3)
+        except Exception as e:  # noqa: BLE001 - reported below, with the thread's seed
+            errors.append((seed, repr(e)))
+
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
 # ------------------------------------------------------------------------------------------ through the engine
 
 def test_merge_into_a_float32_base_is_the_reference_bit_for_bit(tmp_path):
