@@ -185,6 +185,15 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _sync_entry(folder: Path) -> None:
+    """fsync ``folder`` so that a rename in it survives a crash, where that can be done: the output is already in
+    place, so a folder this process may not open (write and search permission only) or sync is no error."""
+    try:
+        _fsync(str(folder))
+    except OSError:
+        pass
+
+
 def _remove_surely(path: Path) -> None:
     """``_remove`` that a signal cannot cut short: interrupted, it finishes first, then lets the signal through."""
     pending = None
@@ -297,7 +306,7 @@ class AtomicDir:
             if os.path.lexists(self.target):
                 os.rename(self.target, old)
             os.rename(self.tmp, self.target)
-            _fsync(str(self.target.parent))  # the rename itself
+            _sync_entry(self.target.parent)
         except BaseException:
             if os.path.lexists(self.tmp):  # not swapped: restore the old target, drop the new one
                 if os.path.lexists(old) and not os.path.lexists(self.target):
@@ -343,6 +352,6 @@ class AtomicFile(AtomicDir):
             flush_to_disk(written)
             self._check_target()
             os.rename(written, self.target)
-            _fsync(str(self.target.parent))
+            _sync_entry(self.target.parent)
         finally:
             _remove_surely(self.tmp)

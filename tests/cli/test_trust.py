@@ -392,3 +392,25 @@ def test_single_file_output_is_on_disk_before_the_swap(tmp_path, monkeypatch):
     with target_module.AtomicFile(tmp_path / "f.bin", inner="f.bin") as tmp:
         (tmp / "f.bin").write_bytes(b"x")
     assert synced[-1] == str(tmp_path) and any(p.endswith("/f.bin") for p in synced[:-1])
+
+
+def test_a_folder_that_cannot_be_synced_after_the_rename_is_no_error(inputs, tmp_path, monkeypatch):
+    """The output's parent may refuse to be opened (write and search permission only) or synced once the output is
+    in place: the run still succeeds, with the output there and nothing beside it."""
+    from adaptool.commands.unload import unload
+    from adaptool.output import target as target_module
+
+    real = target_module._fsync
+
+    def refuse_parent(path):
+        if path == str(tmp_path):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(target_module, "_fsync", refuse_parent)
+    _, base, lora = inputs
+    unload(str(base), [str(lora)], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "config.json").is_file()
+    with target_module.AtomicFile(tmp_path / "f.bin", inner="f.bin") as tmp:
+        (tmp / "f.bin").write_bytes(b"x")
+    assert (tmp_path / "f.bin").read_bytes() == b"x"
