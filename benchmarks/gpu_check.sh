@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The --device cuda checks in one go, for a machine with a CUDA GPU: the GPU tests, then unload / merge into a
-# base / resize on cuda and on cpu side by side (same machine, back to back), then the 3B-shaped unload.
+# The --device cuda checks in one go, for a machine with a CUDA GPU: the GPU tests, then the benchmarks (unload of
+# the 1.6 GiB and 3B-shaped bases, merges into a base and to an adapter, extract, resize) on cuda and on cpu side by
+# side, on the same machine, back to back.
 #
-#   bash benchmarks/gpu_check.sh            # logs to $OUT (default /tmp/adaptool-gpu-check)
+#   bash benchmarks/gpu_check.sh                              # everything; logs to $OUT (default /tmp/adaptool-gpu-check)
+#   STEPS="gpu_tests unload_3b unload_3b_cpu" bash benchmarks/gpu_check.sh   # some steps
 #
 # Runs from a checkout without installing it (PYTHONPATH); wheels in .whl/ (e.g. peft==0.21.2, the tests' oracle)
 # are installed to /tmp/site first when present. Each step has its own time limit so one slow step cannot eat the rest.
