@@ -72,14 +72,21 @@ def check_output_path(target: str | Path, inputs: Iterable[str | Path] = ()) -> 
     return absolute
 
 
+def _replaceable_link(target: Path, force: bool) -> bool:
+    """Whether ``target`` is a symlink (only the link is ever replaced); without ``force`` that is refused."""
+    if not target.is_symlink():
+        return False
+    if not force:
+        raise AdaptoolError(f"output path {target} is a symlink",
+                            "pass --force to replace the link (what it points to is left alone), or choose another -o")
+    return True
+
+
 def check_target(target: Path, force: bool) -> None:
     """Refuse an existing target unless ``force``: a non-empty folder, or a symlink (only the link is ever
     replaced). A file is refused even with ``force``."""
     target = Path(target)
-    if target.is_symlink():
-        if not force:
-            raise AdaptoolError(f"output path {target} is a symlink",
-                                "pass --force to replace the link (what it points to is left alone), or choose another -o")
+    if _replaceable_link(target, force):
         return
     if target.exists() and not target.is_dir():
         raise AdaptoolError(f"output path {target} exists and is not a folder", "choose another path with -o")
@@ -101,10 +108,7 @@ def check_file_target(target: Path, force: bool) -> None:
     symlink (only the link is ever replaced), is refused unless ``force``; a folder or anything that is not a
     regular file is refused even with ``force``."""
     target = Path(target)
-    if target.is_symlink():
-        if not force:
-            raise AdaptoolError(f"output path {target} is a symlink",
-                                "pass --force to replace the link (what it points to is left alone), or choose another -o")
+    if _replaceable_link(target, force):
         return
     if target.is_dir():
         raise AdaptoolError(f"output path {target} is a folder, and this output is one file",
